@@ -1,0 +1,76 @@
+"""The blocking Great Expectations check on the scores, which gates fine-tuning."""
+
+
+import pandas as pd
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetIn,
+    MetadataValue,
+    asset_check,
+)
+
+from gradsentry_dagster.assets.scores import gradient_entropy_scores
+from gradsentry_dagster.gate import run_gate
+from gradsentry_dagster.resources.io import default_storage_dir
+from gradsentry_dagster.resources.policy import ScanPolicy
+
+
+@asset_check(
+    asset=gradient_entropy_scores,
+    name="gradsentry_gate",
+    blocking=True,
+    additional_ins={"raw_dataset": AssetIn("raw_dataset")},
+    description=(
+        "Great Expectations suite on the scores: fraction flagged at most the policy maximum, "
+        "every scored row has a finite score in [0, 1], and every input row is scored or "
+        "rejected. Blocking: when it fails, nothing downstream of the scores runs."
+    ),
+)
+def gradsentry_gate(
+    context: AssetCheckExecutionContext,
+    gradient_entropy_scores: pd.DataFrame,
+    raw_dataset: pd.DataFrame,
+    policy: ScanPolicy,
+) -> AssetCheckResult:
+    docs_dir = f"{default_storage_dir()}/artifacts/{context.run.run_id}/data_docs"
+    result = run_gate(
+        gradient_entropy_scores, policy.gate_policy(), len(raw_dataset), data_docs_dir=docs_dir
+    )
+    counts = result.counts
+    if result.passed:
+        context.log.info(
+            f"gate passed: {counts['flagged']} of {counts['scored']} scored rows flagged "
+            f"(max {policy.max_flagged_fraction:.0%})"
+        )
+    else:
+        failed = [e["expectation"] + (f" on {e['column']}" if e["column"] else "") for e in result.expectations if not e["success"]]
+        context.log.error(
+            f"gate failed: {', '.join(failed) or result.error}; "
+            f"{counts['flagged']} of {counts['scored']} scored rows flagged "
+            f"(max {policy.max_flagged_fraction:.0%}), {counts['rejected']} rejected"
+        )
+    metadata = {
+        "rows_in": counts["rows_in"],
+        "scored": counts["scored"],
+        "rejected": counts["rejected"],
+        "flagged": counts["flagged"],
+        "non_finite_scores": counts["non_finite_scores"],
+        "flagged_fraction": float(counts["flagged_fraction"]),
+        "max_flagged_fraction": float(policy.max_flagged_fraction),
+        "max_rejected_fraction": float(policy.max_rejected_fraction),
+        "great_expectations_result": MetadataValue.json(
+            {"success": result.passed, "expectations": result.expectations, "error": result.error}
+        ),
+        "data_docs": MetadataValue.path(f"{docs_dir}/index.html"),
+    }
+    if "reject_reason" in raw_dataset.columns and counts["rejected"]:
+        reasons = raw_dataset.loc[raw_dataset["status"] != "ok", "reject_reason"].value_counts().head(10)
+        metadata["reject_reasons"] = MetadataValue.json({str(k): int(v) for k, v in reasons.items()})
+    return AssetCheckResult(
+        passed=result.passed,
+        severity=AssetCheckSeverity.ERROR,
+        metadata=metadata,
+        description=None if result.passed else (result.error or "the scores violate the scan policy"),
+    )

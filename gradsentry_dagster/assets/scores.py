@@ -1,0 +1,112 @@
+"""The ``gradient_entropy_scores`` asset: one GradSentry score per input row."""
+
+
+import base64
+from pathlib import Path
+
+import pandas as pd
+from dagster import AssetExecutionContext, MetadataValue, Output, asset
+
+from gradsentry_dagster.progress import ProgressReporter
+from gradsentry_dagster.report import markdown_table, plot_histogram, summarize_scores, top_suspicious
+from gradsentry_dagster.resources.io import default_storage_dir
+from gradsentry_dagster.resources.model import GradSentryModelResource
+from gradsentry_dagster.resources.policy import ScanPolicy
+from gradsentry_dagster.scan import scan_frame
+
+
+def artifacts_dir(context: AssetExecutionContext) -> Path:
+    """Return this run's folder for plots, Data Docs and adapters."""
+    return Path(default_storage_dir(), "artifacts", context.run.run_id)
+
+
+def image_markdown(path: Path, alt: str) -> MetadataValue:
+    """Return a markdown metadata value that shows a PNG inline in the Dagster UI."""
+    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+    return MetadataValue.md(f"![{alt}](data:image/png;base64,{encoded})")
+
+
+def scores_metadata(
+    scores: pd.DataFrame, frame: pd.DataFrame, plot_path: Path, extra: dict | None = None
+) -> dict:
+    """Build the metadata shown on the scores asset: counts, threshold, plot, top rows."""
+    summary = summarize_scores(scores)
+    labels = None
+    if "poisoned" in frame.columns:
+        labels = frame["poisoned"].fillna(False).to_numpy(dtype=bool)
+    plot_histogram(scores, plot_path, labels=labels)
+    metadata = {
+        "rows": summary["rows"],
+        "scored": summary["scored"],
+        "rejected": summary["rejected"],
+        "flagged": summary["flagged"],
+        "flagged_fraction": float(summary["flagged_fraction"]),
+        "threshold": float(summary["threshold"]),
+        "threshold_rule": summary["threshold_rule"],
+        "score_histogram": image_markdown(plot_path, "score histogram"),
+        "score_histogram_path": MetadataValue.path(str(plot_path)),
+        "top_suspicious": MetadataValue.md(
+            markdown_table(top_suspicious(scores, frame, limit=10))
+        ),
+    }
+    if labels is not None and labels.any() and not labels.all():
+        from gradsentry_dagster.metrics import detection_metrics
+
+        scored = (scores["status"] == "scored").to_numpy()
+        metrics = detection_metrics(
+            labels[scored], scores["score"].to_numpy(dtype=float)[scored], scores["flagged"].to_numpy(dtype=bool)[scored]
+        )
+        metadata["ground_truth_metrics"] = MetadataValue.json(metrics)
+    metadata.update(extra or {})
+    return metadata
+
+
+@asset(
+    group_name="gradsentry",
+    io_manager_key="gradsentry_io_manager",
+    kinds={"pytorch", "parquet"},
+    description=(
+        "GradSentry gradient spectral entropy of every row: id, status, score, target tokens, "
+        "loss, flagged, threshold, threshold rule and reason."
+    ),
+)
+def gradient_entropy_scores(
+    context: AssetExecutionContext,
+    raw_dataset: pd.DataFrame,
+    model: GradSentryModelResource,
+    policy: ScanPolicy,
+) -> Output[pd.DataFrame]:
+    loaded = model.load()
+    settings = model.scoring_settings()
+    context.log.info(
+        f"scoring {len(raw_dataset)} rows with {model.model} on {loaded.device} "
+        f"({settings.method} path, batch size {settings.batch_size})"
+    )
+    reporter = ProgressReporter(len(raw_dataset), context.log.info, label="rows")
+    result = scan_frame(
+        loaded.model,
+        loaded.tokenizer,
+        raw_dataset,
+        settings,
+        policy.threshold_config(),
+        progress=reporter.update,
+    )
+    context.log.info(
+        f"threshold {result.decision.threshold:.4f} set by rule '{result.decision.rule}': "
+        f"{result.decision.detail}"
+    )
+    plot_path = artifacts_dir(context) / "score_histogram.png"
+    metadata = scores_metadata(
+        result.scores,
+        raw_dataset,
+        plot_path,
+        extra={
+            "threshold_detail": result.decision.detail,
+            "model": model.model,
+            "model_fingerprint": loaded.fingerprint,
+            "scoring_settings": MetadataValue.json(
+                {"fingerprint": settings.fingerprint(), **settings.__dict__}
+            ),
+        },
+    )
+    return Output(result.scores, metadata=metadata)
