@@ -16,15 +16,21 @@ without a count. A file that cannot be read at all raises :class:`DatasetReadErr
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import csv
 import hashlib
+import io
 import json
 import logging
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -65,6 +71,14 @@ class FieldMapping:
     instruction: tuple[str, ...] = ("instruction",)
     context: tuple[str, ...] = ("context", "passage", "document")
     extra: tuple[str, ...] = field(default=("poisoned",))
+
+    def __post_init__(self) -> None:
+        clashing = sorted(set(self.extra) & set(CANONICAL_COLUMNS))
+        if clashing:
+            raise ValueError(
+                f"extra columns {clashing} would overwrite canonical columns; map them to "
+                "question, answer, row_id, instruction or context instead"
+            )
 
     @classmethod
     def from_dict(cls, mapping: Mapping[str, str | Iterable[str]]) -> FieldMapping:
@@ -109,7 +123,7 @@ def detect_format(path: Path) -> str:
 
 def content_hash(*parts: str) -> str:
     """Return a short, stable hash of the given text parts."""
-    digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
+    digest = hashlib.sha256("\x1f".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
     return f"h{digest[:16]}"
 
 
@@ -128,44 +142,66 @@ def _is_missing(value: Any) -> bool:
     return False
 
 
+def _is_valid_unicode(text: str) -> bool:
+    """Return False for text with lone surrogates, which JSON escapes allow but UTF-8 cannot store."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _text_field(value: Any, field_name: str) -> tuple[str | None, str | None]:
     """Return (text, reject reason) for a field that must be a non-empty string."""
     if _is_missing(value):
         return None, f"{field_name} is missing or null"
     if isinstance(value, bool) or not isinstance(value, str):
         return None, f"{field_name} must be a string, got {type(value).__name__}"
+    if not _is_valid_unicode(value):
+        return None, f"{field_name} contains invalid Unicode (a lone surrogate code point)"
     if not value.strip():
         return None, f"{field_name} is empty"
     return value.strip(), None
 
 
+def _answer_item(item: Any) -> tuple[str | None, str | None]:
+    """Return (text, reject reason) for one gold answer: a string or a finite number."""
+    if isinstance(item, bool) or not isinstance(item, (str, numbers.Real)):
+        return None, f"answer list must hold strings or numbers, got {type(item).__name__}"
+    if isinstance(item, str):
+        if not _is_valid_unicode(item):
+            return None, "answer contains invalid Unicode (a lone surrogate code point)"
+        return item.strip(), None
+    if not math.isfinite(item):
+        return None, f"answer list holds a non-finite number ({item})"
+    return str(item), None
+
+
 def normalize_answer(value: Any) -> tuple[str | None, str | None]:
     """Return (answer text, reject reason); a list of gold answers is joined with '; '.
 
-    Numbers are accepted and written as text. Nested objects, booleans and lists that hold
-    anything other than strings or numbers are rejected.
+    Finite numbers, Python's or NumPy's, are accepted and written as text. Nested objects,
+    booleans, non-finite numbers and lists that contain anything other than strings or finite
+    numbers are rejected.
     """
     if _is_missing(value):
         return None, "answer is missing or null"
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         return None, "answer must be a string or a list of strings, got bool"
-    if isinstance(value, (int, float)):
-        if isinstance(value, float) and not math.isfinite(value):
+    if isinstance(value, numbers.Real):
+        if not math.isfinite(value):
             return None, "answer is not a finite number"
         return str(value), None
     if isinstance(value, str):
         return _text_field(value, "answer")
-    if hasattr(value, "tolist") and not isinstance(value, (dict, str)):
+    if isinstance(value, np.ndarray):
         value = value.tolist()
     if isinstance(value, (list, tuple)):
         parts = []
         for item in value:
-            if isinstance(item, bool) or not isinstance(item, (str, int, float)):
-                return None, (
-                    "answer list must hold strings or numbers, got "
-                    f"{type(item).__name__}"
-                )
-            text = str(item).strip()
+            text, reason = _answer_item(item)
+            if reason:
+                return None, reason
             if text:
                 parts.append(text)
         if not parts:
@@ -179,7 +215,26 @@ def _optional_text(value: Any, field_name: str) -> tuple[str, str | None]:
         return "", None
     if isinstance(value, bool) or not isinstance(value, str):
         return "", f"{field_name} must be a string, got {type(value).__name__}"
+    if not _is_valid_unicode(value):
+        return "", f"{field_name} contains invalid Unicode (a lone surrogate code point)"
     return value.strip(), None
+
+
+def _source_id(value: Any) -> str:
+    """Return a source id as text that UTF-8 (and so Parquet) can store; '' if there is none."""
+    if _is_missing(value):
+        return ""
+    text = str(value).strip()
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _extra_value(value: Any) -> Any:
+    """Return an extra column's value as a scalar that Parquet can store."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return json.dumps(value, default=str, ensure_ascii=True)
 
 
 def canonical_row(
@@ -230,15 +285,12 @@ def canonical_row(
 
     for name in mapping.extra:
         if name in record:
-            row[name] = record[name]
+            row[name] = _extra_value(record[name])
 
-    id_name, id_value = _first_present(record, mapping.row_id)
-    if id_name is not None and not _is_missing(id_value) and str(id_value).strip():
-        row["row_id"] = str(id_value).strip()
-    else:
-        row["row_id"] = content_hash(
-            row["instruction"], row["context"], row["question"], row["answer"]
-        )
+    _, id_value = _first_present(record, mapping.row_id)
+    row["row_id"] = _source_id(id_value) or content_hash(
+        row["instruction"], row["context"], row["question"], row["answer"]
+    )
 
     if reasons:
         row["status"] = STATUS_REJECTED
@@ -246,11 +298,26 @@ def canonical_row(
     return row
 
 
+def _parse_json_line(text: str, line_number: int) -> tuple[Any, str | None]:
+    """Return (record, parse error) for one line of a JSON Lines file."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as error:
+        return None, f"line {line_number} is not valid JSON ({error.msg})"
+    except RecursionError:
+        return None, f"line {line_number} is nested too deeply to parse as JSON"
+    except ValueError as error:
+        # Python's json raises a plain ValueError for integers with more than 4300 digits.
+        return None, f"line {line_number} is not valid JSON ({str(error).split(':')[0]})"
+
+
 def _iter_jsonl(path: Path) -> Iterable[tuple[int, Any, str | None]]:
     """Yield (index, record, parse error) for each non-blank line of a JSON Lines file."""
     with path.open("rb") as handle:
         index = 0
         for line_number, raw in enumerate(handle, start=1):
+            if line_number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
@@ -259,57 +326,140 @@ def _iter_jsonl(path: Path) -> Iterable[tuple[int, Any, str | None]]:
                 continue
             if not line.strip():
                 continue
-            try:
-                yield index, json.loads(line), None
-            except json.JSONDecodeError as error:
-                yield index, None, f"line {line_number} is not valid JSON ({error.msg})"
+            record, parse_error = _parse_json_line(line, line_number)
+            yield index, record, parse_error
             index += 1
 
 
-def _read_records(path: Path, file_format: str) -> list[tuple[int, Any, str | None]]:
-    if file_format == "jsonl":
-        return list(_iter_jsonl(path))
-    if file_format == "json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as error:
-            raise DatasetReadError(f"{path} is not valid UTF-8: {error}") from error
-        except json.JSONDecodeError as error:
+def _read_jsonl(path: Path) -> list[tuple[int, Any, str | None]]:
+    records = list(_iter_jsonl(path))
+    if records and all(parse_error is not None for _, _, parse_error in records):
+        raise DatasetReadError(
+            f"no line of {path} is a valid JSON value (first problem: {records[0][2]}); "
+            "save the file as UTF-8 JSON Lines with one JSON object per line"
+        )
+    return records
+
+
+def _read_json(path: Path) -> list[tuple[int, Any, str | None]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as error:
+        raise DatasetReadError(
+            f"{path} is not valid UTF-8 (byte {error.start}: {error.reason}); "
+            "re-encode it as UTF-8"
+        ) from error
+    except json.JSONDecodeError as error:
+        raise DatasetReadError(
+            f"{path} is not valid JSON ({error}); for one object per line use a .jsonl file"
+        ) from error
+    except (RecursionError, ValueError) as error:
+        raise DatasetReadError(
+            f"{path} cannot be parsed as JSON ({type(error).__name__}); "
+            "for one object per line use a .jsonl file"
+        ) from error
+    if isinstance(data, Mapping):
+        # Accept {"data": [...]} style wrappers with a single list value.
+        lists = [value for value in data.values() if isinstance(value, list)]
+        if len(lists) != 1:
             raise DatasetReadError(
-                f"{path} is not valid JSON ({error}); for one object per line use a .jsonl file"
-            ) from error
-        if isinstance(data, Mapping):
-            # Accept {"data": [...]} style wrappers with a single list value.
-            lists = [value for value in data.values() if isinstance(value, list)]
-            if len(lists) != 1:
-                raise DatasetReadError(
-                    f"{path} holds a JSON object; expected an array of records or an object "
-                    "with exactly one array"
-                )
-            data = lists[0]
-        if not isinstance(data, list):
-            raise DatasetReadError(f"{path} must hold a JSON array of records")
-        return [(index, record, None) for index, record in enumerate(data)]
-    if file_format == "csv":
-        try:
-            frame = pd.read_csv(
-                path, dtype=str, keep_default_na=False, encoding="utf-8-sig"
+                f"{path} contains a JSON object; expected an array of records or an object "
+                "with exactly one array"
             )
-        except UnicodeDecodeError as error:
-            raise DatasetReadError(f"{path} is not valid UTF-8: {error}") from error
-        except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-            raise DatasetReadError(f"{path} is not a readable CSV file: {error}") from error
-        records = frame.to_dict(orient="records")
-        return [(index, record, None) for index, record in enumerate(records)]
-    if file_format == "parquet":
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DatasetReadError(
+            f"{path} must contain a JSON array of records, got a {type(data).__name__}"
+        )
+    return [(index, record, None) for index, record in enumerate(data)]
+
+
+@contextlib.contextmanager
+def _csv_field_limit(limit: int):
+    """Raise the csv module's field size limit (128 KiB by default) for one read."""
+    previous = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _read_csv(path: Path) -> list[tuple[int, Any, str | None]]:
+    """Read a CSV file with a header row; a row with the wrong number of fields is rejected."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DatasetReadError(
+            f"{path} is not valid UTF-8 (byte {error.start}: {error.reason}); "
+            "re-encode it as UTF-8"
+        ) from error
+
+    records: list[tuple[int, Any, str | None]] = []
+    # newline="" keeps line breaks inside quoted fields, as the csv module requires.
+    reader = csv.reader(io.StringIO(text, newline=""))
+    with _csv_field_limit(max(len(text), csv.field_size_limit())):
         try:
-            table = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as error:
-            raise DatasetReadError(f"{path} is not a readable Parquet file: {error}") from error
-        return [(index, record, None) for index, record in enumerate(table.to_pylist())]
-    raise DatasetReadError(
-        f"unsupported format {file_format!r} for {path}; use one of {', '.join(SUPPORTED_FORMATS)}"
-    )
+            header = next(reader, None)
+            if not header or not any(name.strip() for name in header):
+                raise DatasetReadError(f"{path} has no header row; add one that names the columns")
+            header = [name.strip() for name in header]
+            repeated = sorted({name for name in header if header.count(name) > 1})
+            if repeated:
+                raise DatasetReadError(
+                    f"{path} repeats the column names {repeated} in its header; "
+                    "give each column a unique name"
+                )
+            for fields in reader:
+                if not fields:
+                    continue
+                index = len(records)
+                if len(fields) != len(header):
+                    records.append(
+                        (
+                            index,
+                            None,
+                            f"line {reader.line_num} has {len(fields)} fields, "
+                            f"the header has {len(header)}",
+                        )
+                    )
+                    continue
+                records.append((index, dict(zip(header, fields)), None))
+        except csv.Error as error:
+            raise DatasetReadError(
+                f"{path} is not a readable CSV file (line {reader.line_num}: {error}); "
+                "check its quoting"
+            ) from error
+    return records
+
+
+def _read_parquet(path: Path) -> list[tuple[int, Any, str | None]]:
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as error:
+        raise DatasetReadError(
+            f"{path} is not a readable Parquet file ({error}); "
+            "write it again with pyarrow or pandas.DataFrame.to_parquet"
+        ) from error
+    return [(index, record, None) for index, record in enumerate(rows)]
+
+
+def _read_records(path: Path, file_format: str) -> list[tuple[int, Any, str | None]]:
+    readers = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
+    if file_format not in readers:
+        raise DatasetReadError(
+            f"unsupported format {file_format!r} for {path}; "
+            f"use one of {', '.join(SUPPORTED_FORMATS)}"
+        )
+    return readers[file_format](path)
+
+
+def _uniform_column(values: pd.Series) -> pd.Series:
+    """Return an extra column as text when its values mix types, which Parquet cannot store."""
+    present = values.dropna()
+    kinds = {bool if isinstance(v, bool) else float if isinstance(v, (int, float)) else str for v in present}
+    if len(kinds) <= 1:
+        return values
+    return values.map(lambda v: v if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
 
 
 def records_to_frame(
@@ -337,6 +487,8 @@ def records_to_frame(
     for column in CANONICAL_COLUMNS:
         if column not in frame.columns:
             frame[column] = pd.Series(dtype=object)
+    for column in frame.columns.difference(CANONICAL_COLUMNS):
+        frame[column] = _uniform_column(frame[column])
     frame["source_index"] = frame["source_index"].astype("int64")
     return mark_duplicate_ids(frame)
 
@@ -344,17 +496,33 @@ def records_to_frame(
 def mark_duplicate_ids(frame: pd.DataFrame) -> pd.DataFrame:
     """Make row ids unique by suffixing repeats with ``#2``, ``#3`` and so on.
 
-    Exact duplicate rows are kept and scored: dropping them would change the dataset that
-    fine-tuning sees, and a poisoned sample repeated on purpose must stay visible.
+    A suffixed id that another row already uses gets the next free number. Exact duplicate
+    rows are kept and scored: dropping them would change the dataset that fine-tuning sees,
+    and a poisoned sample repeated on purpose must stay visible.
     """
-    counts = frame.groupby("row_id").cumcount()
-    repeated = counts > 0
-    if repeated.any():
-        frame = frame.copy()
-        frame.loc[repeated, "row_id"] = (
-            frame.loc[repeated, "row_id"] + "#" + (counts[repeated] + 1).astype(str)
-        )
-        logger.info("renamed %d rows whose id repeated an earlier row's id", int(repeated.sum()))
+    if frame["row_id"].is_unique:
+        return frame
+    taken = set(frame["row_id"])
+    seen: dict[str, int] = {}
+    new_ids = []
+    renamed = 0
+    for row_id in frame["row_id"]:
+        copies = seen.get(row_id, 0) + 1
+        seen[row_id] = copies
+        if copies == 1:
+            new_ids.append(row_id)
+            continue
+        candidate = f"{row_id}#{copies}"
+        while candidate in taken:
+            copies += 1
+            candidate = f"{row_id}#{copies}"
+        seen[row_id] = copies
+        taken.add(candidate)
+        new_ids.append(candidate)
+        renamed += 1
+    frame = frame.copy()
+    frame["row_id"] = new_ids
+    logger.info("renamed %d rows whose id repeated an earlier row's id", renamed)
     return frame
 
 
@@ -380,9 +548,14 @@ def read_dataset(
     """
     path = Path(path)
     if not path.is_file():
-        raise DatasetReadError(f"dataset file not found: {path}")
+        raise DatasetReadError(
+            f"dataset file not found: {path}; set the path to an existing .jsonl, .json, "
+            ".parquet or .csv file"
+        )
     if path.stat().st_size == 0:
-        raise DatasetReadError(f"dataset file is empty: {path}")
+        raise DatasetReadError(
+            f"dataset file is empty: {path}; point the path at a file with at least one record"
+        )
     file_format = (file_format or detect_format(path)).lower()
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
@@ -405,7 +578,10 @@ def read_dataset(
         records = records[:limit]
     frame = records_to_frame(records, field_mapping)
     if frame.empty:
-        raise DatasetReadError(f"dataset file holds no records: {path}")
+        raise DatasetReadError(
+            f"dataset file contains no records: {path}; point the path at a file with at least "
+            "one record"
+        )
     rejected = int((frame["status"] == STATUS_REJECTED).sum())
     logger.info(
         "read %d rows from %s (%s): %d usable, %d rejected",
