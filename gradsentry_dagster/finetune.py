@@ -6,13 +6,14 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from gradsentry_dagster.data import STATUS_OK
+from gradsentry_dagster.models import clamp_max_tokens
 from gradsentry_dagster.prompts import IGNORE_INDEX, SampleTooLongError, encode_sample
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,9 @@ def train_lora(
     """
     from peft import LoraConfig, get_peft_model
 
+    max_tokens = clamp_max_tokens(config.max_tokens, model)
+    if max_tokens != config.max_tokens:
+        config = replace(config, max_tokens=max_tokens)
     encoded, skipped = _encode_training_rows(tokenizer, frame, config)
     if not encoded:
         raise ValueError("no usable training rows: the clean dataset is empty")

@@ -2,11 +2,18 @@
 
 The suite checks, on the scores table of one scan:
 
-- the row count equals the number of input rows, and every row is either scored or rejected
-  (so rows in = scored + rejected, and no row went missing);
-- every scored row has a score, and every score lies in [0, 1] (NaN or infinite scores fail);
+- conservation: the row count equals the number of input rows, every row is either scored or
+  rejected, row ids are unique, and, when the input's row ids are given, each score row
+  carries the id of the input row at the same position (so rows in = scored + rejected, and
+  no row was lost, duplicated or swapped);
+- at least one row is scored;
+- every scored row has a finite score in [0, 1] and, where the table has a ``loss`` column, a
+  finite, non-negative loss;
+- where the table has a ``threshold`` column, every scored row is flagged exactly when its
+  score is above the threshold or not finite;
 - the fraction of scored rows that are flagged is at most the policy's maximum;
-- the fraction of input rows rejected at ingestion is at most the policy's maximum.
+- the fraction of input rows rejected at ingestion or tokenization is at most the policy's
+  maximum.
 
 The gate fails closed: if validation itself raises, the result is a failure.
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -61,34 +69,110 @@ class GateResult:
         return asdict(self)
 
 
-def validation_frame(scores: pd.DataFrame) -> pd.DataFrame:
-    """Add the columns the suite reads: ``flagged_rate`` (1/0 for scored rows, NaN otherwise)
-    and ``rejected_rate`` (1/0 for every row)."""
+def validation_frame(
+    scores: pd.DataFrame, expected_row_ids: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Add the columns the suite reads.
+
+    - ``flagged_rate``: 1/0 for scored rows, NaN otherwise; its mean is the flagged fraction.
+    - ``rejected_rate``: 1/0 for every row; its mean is the rejected fraction.
+    - ``is_scored``: 1/0 for every row; its sum is the number of scored rows.
+    - ``scored_score`` and ``scored_loss``: the score and loss of scored rows, NaN where they
+      are not finite, and a neutral placeholder on rejected rows.
+    - ``flag_consistent``: whether ``flagged`` follows from the score and the threshold.
+    - ``matches_input``: whether the row id equals the input row id at the same position.
+    """
     frame = scores.copy()
     scored = frame["status"] == STATUS_SCORED
-    frame["flagged_rate"] = np.where(scored, frame["flagged"].astype(bool).astype(float), np.nan)
+    score = frame["score"].astype(float)
+    finite_score = np.isfinite(score)
+    flagged = frame["flagged"].astype(bool)
+    frame["flagged_rate"] = np.where(scored, flagged.astype(float), np.nan)
     frame["rejected_rate"] = (frame["status"] == STATUS_REJECTED).astype(float)
-    frame["scored_score"] = np.where(scored, frame["score"].astype(float), 0.5)
-    # A missing score on a scored row must fail, so NaN is kept there as a distinct marker.
-    frame.loc[scored & frame["score"].isna(), "scored_score"] = np.nan
+    frame["is_scored"] = scored.astype(float)
+
+    # NaN marks a non-finite value on a scored row, which the not-null expectations then fail.
+    frame["scored_score"] = np.where(scored, score.where(finite_score), 0.5)
+    if "loss" in frame.columns:
+        loss = frame["loss"].astype(float)
+        frame["scored_loss"] = np.where(scored, loss.where(np.isfinite(loss)), 0.0)
+    else:
+        frame["scored_loss"] = 0.0
+
+    if "threshold" in frame.columns:
+        threshold = frame["threshold"].astype(float)
+        should_flag = ~finite_score | (score > threshold)
+        frame["flag_consistent"] = ~scored | (flagged == should_flag)
+    else:
+        frame["flag_consistent"] = True
+
+    if expected_row_ids is None:
+        frame["matches_input"] = True
+    else:
+        expected = pd.Series(list(expected_row_ids), dtype=object)
+        if len(expected) == len(frame):
+            frame["matches_input"] = frame["row_id"].astype(str).to_numpy() == expected.astype(str).to_numpy()
+        else:
+            frame["matches_input"] = False
     return frame
 
 
 def gate_counts(scores: pd.DataFrame, expected_rows: int) -> dict:
-    """Return the counts the check reports: rows in, scored, rejected, flagged, non-finite."""
+    """Return the counts the check reports.
+
+    ``unaccounted`` is ``rows_in - scored - rejected``: input rows that the scores table
+    neither scored nor rejected, which must be 0.
+    """
     scored = scores["status"] == STATUS_SCORED
     finite = np.isfinite(scores["score"].astype(float))
     flagged = int((scores["flagged"].astype(bool) & scored).sum())
     n_scored = int(scored.sum())
+    n_rejected = int((scores["status"] == STATUS_REJECTED).sum())
     return {
         "rows_in": int(expected_rows),
         "rows_out": int(len(scores)),
         "scored": n_scored,
-        "rejected": int((scores["status"] == STATUS_REJECTED).sum()),
+        "rejected": n_rejected,
+        "unaccounted": int(expected_rows) - n_scored - n_rejected,
         "flagged": flagged,
         "non_finite_scores": int((scored & ~finite).sum()),
         "flagged_fraction": flagged / n_scored if n_scored else math.nan,
     }
+
+
+def reject_reason_counts(scores: pd.DataFrame, limit: int = 10) -> dict[str, int]:
+    """Return the most common reasons of rejected rows with their counts.
+
+    Line numbers in parse errors are replaced by ``N`` so that one kind of error counts once.
+    Reasons beyond the ``limit`` most common are summed under ``"other reasons"``, so the
+    counts always add up to the number of rejected rows.
+    """
+    rejected = scores.loc[scores["status"] == STATUS_REJECTED, "reason"].fillna("").astype(str)
+    kinds = rejected.str.replace(r"\bline \d+", "line N", regex=True).value_counts()
+    counts = {str(reason): int(count) for reason, count in kinds.head(limit).items()}
+    if len(kinds) > limit:
+        counts["other reasons"] = int(kinds.iloc[limit:].sum())
+    return counts
+
+
+def clean_rows_problem(scores: pd.DataFrame, clean: pd.DataFrame) -> str | None:
+    """Return why ``clean`` is not exactly the scored, unflagged rows of ``scores``, or None.
+
+    Fine-tuning calls this on the stored tables so that a clean table from another scan, or
+    one with rows added or removed, is never trained on.
+    """
+    scored = scores["status"] == STATUS_SCORED
+    expected = scores.loc[scored & ~scores["flagged"].astype(bool), "row_id"].astype(str)
+    actual = clean["row_id"].astype(str) if "row_id" in clean.columns else pd.Series(dtype=str)
+    if list(actual) == list(expected):
+        return None
+    missing = len(set(expected) - set(actual))
+    extra = len(set(actual) - set(expected))
+    return (
+        f"the clean dataset has {len(actual)} rows but the scores table has {len(expected)} "
+        f"scored, unflagged rows ({missing} missing, {extra} not in the scores); "
+        "rerun the scan and the split"
+    )
 
 
 def build_suite(policy: GatePolicy, expected_rows: int):
@@ -97,13 +181,25 @@ def build_suite(policy: GatePolicy, expected_rows: int):
     import great_expectations.expectations as gxe
 
     suite = gx.ExpectationSuite(name="gradsentry_gate")
+
+    # Conservation: rows in = scored + rejected, row by row.
     suite.add_expectation(gxe.ExpectTableRowCountToEqual(value=int(expected_rows)))
     suite.add_expectation(
         gxe.ExpectColumnValuesToBeInSet(column="status", value_set=[STATUS_SCORED, STATUS_REJECTED])
     )
+    suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column="row_id"))
+    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="matches_input", value_set=[True]))
+    suite.add_expectation(gxe.ExpectColumnSumToBeBetween(column="is_scored", min_value=1))
+
+    # Every scored row has a finite score in [0, 1], a finite loss, and a consistent flag.
     suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column="scored_score"))
     suite.add_expectation(
         gxe.ExpectColumnValuesToBeBetween(column="scored_score", min_value=0.0, max_value=1.0)
+    )
+    suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column="scored_loss"))
+    suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column="scored_loss", min_value=0.0))
+    suite.add_expectation(
+        gxe.ExpectColumnValuesToBeInSet(column="flag_consistent", value_set=[True])
     )
     suite.add_expectation(
         gxe.ExpectColumnMeanToBeBetween(
@@ -151,14 +247,18 @@ def run_gate(
     policy: GatePolicy,
     expected_rows: int,
     data_docs_dir: str | None = None,
+    expected_row_ids: Sequence[str] | None = None,
 ) -> GateResult:
     """Validate a scores table against the policy with Great Expectations.
 
     Args:
-        scores: The scores table (``status``, ``score`` and ``flagged`` columns).
+        scores: The scores table: ``row_id``, ``status``, ``score`` and ``flagged`` columns,
+            and the ``loss`` and ``threshold`` columns of a scan, which are checked when present.
         policy: The gate policy.
         expected_rows: Rows in the input dataset.
         data_docs_dir: If set, static Data Docs HTML of this validation is written there.
+        expected_row_ids: The input dataset's row ids in order. When given, each score row
+            must carry the id of the input row at the same position.
 
     Returns:
         The result; ``passed`` is False if any expectation fails or validation raises.
@@ -170,6 +270,7 @@ def run_gate(
         "scored": 0,
         "rejected": 0,
         "flagged": 0,
+        "unaccounted": int(expected_rows) - int(len(scores)),
         "non_finite_scores": 0,
         "flagged_fraction": math.nan,
     }
@@ -183,21 +284,22 @@ def run_gate(
         asset = source.add_dataframe_asset(name="scores")
         batch_definition = asset.add_batch_definition_whole_dataframe("scan")
         suite = context.suites.add(build_suite(policy, expected_rows))
-        batch = batch_definition.get_batch(batch_parameters={"dataframe": validation_frame(scores)})
+        frame = validation_frame(scores, expected_row_ids)
+        batch = batch_definition.get_batch(batch_parameters={"dataframe": frame})
         result = batch.validate(suite)
         expectations = _summarize(result)
         failed_to_run = [e for e in expectations if e["exception"]]
         passed = bool(result.success) and not failed_to_run
         if data_docs_dir:
-            _write_data_docs(context, suite, batch_definition, scores, data_docs_dir, policy, expected_rows)
+            _write_data_docs(context, suite, batch_definition, frame, data_docs_dir)
         return GateResult(passed=passed, counts=counts, expectations=expectations)
     except Exception as error:  # noqa: BLE001 - the gate must fail closed on any error
         logger.exception("gate validation raised; failing closed")
         return GateResult(passed=False, counts=counts, error=f"{type(error).__name__}: {error}")
 
 
-def _write_data_docs(context, suite, batch_definition, scores, folder, policy, expected_rows) -> None:
-    """Write static Data Docs HTML of one validation into ``folder``."""
+def _write_data_docs(context, suite, batch_definition, frame, folder) -> None:
+    """Write static Data Docs HTML of the validation of ``frame`` into ``folder``."""
     import great_expectations as gx
 
     context.add_data_docs_site(
@@ -218,4 +320,4 @@ def _write_data_docs(context, suite, batch_definition, scores, folder, policy, e
             actions=[gx.checkpoint.UpdateDataDocsAction(name="update_docs", site_names=["gradsentry_docs"])],
         )
     )
-    checkpoint.run(batch_parameters={"dataframe": validation_frame(scores)})
+    checkpoint.run(batch_parameters={"dataframe": frame})

@@ -73,6 +73,34 @@ class LoadedModel:
     fingerprint: str
 
 
+def context_length(model: torch.nn.Module) -> int | None:
+    """Return the longest sequence the model's position encoding supports, or None if unknown."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def clamp_max_tokens(max_tokens: int, model: torch.nn.Module) -> int:
+    """Return ``max_tokens``, lowered to the model's context length when it is longer.
+
+    Beyond its context length a model with learned positions fails and one with rotary
+    positions silently extrapolates, so samples are cut to fit instead; the change is logged.
+    """
+    limit = context_length(model)
+    if limit is None or max_tokens <= limit:
+        return max_tokens
+    logger.warning(
+        "max_tokens=%d exceeds the model's context length of %d tokens; using %d",
+        max_tokens,
+        limit,
+        limit,
+    )
+    return limit
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """Return the torch device for ``name``; ``"auto"`` prefers cuda, then mps, then cpu."""
     if name != "auto":

@@ -39,8 +39,10 @@ def apply_threshold(raw_scores: pd.DataFrame, decision: ThresholdDecision) -> pd
     """Add ``flagged``, ``threshold``, ``threshold_rule`` and a reason for each flagged row."""
     table = raw_scores.copy()
     scored = table["status"] == STATUS_SCORED
-    above = table["score"].to_numpy(dtype=float) > decision.threshold
-    table["flagged"] = scored.to_numpy() & above
+    score = table["score"].to_numpy(dtype=float)
+    # A scored row without a finite score fails closed: it is flagged, never clean.
+    suspicious = ~np.isfinite(score) | (score > decision.threshold)
+    table["flagged"] = scored.to_numpy() & suspicious
     table["threshold"] = float(decision.threshold)
     table["threshold_rule"] = decision.rule
     flagged_reason = table["score"].map(

@@ -22,7 +22,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import pandas as pd
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from gradsentry_dagster.data import STATUS_OK
+from gradsentry_dagster.models import clamp_max_tokens
 from gradsentry_dagster.prompts import EncodedSample, SampleTooLongError, encode_sample
 from gradsentry_dagster.spectral import (
     DEFAULT_CROP_FRACTION,
@@ -81,6 +82,8 @@ class ScoringSettings:
             raise ValueError("the randomized estimator exists only on the reference path")
         if self.top_k < 2:
             raise ValueError(f"top_k must be at least 2, got {self.top_k}")
+        if self.prompt_format not in ("qa", "chat"):
+            raise ValueError(f"prompt_format must be 'qa' or 'chat', got {self.prompt_format!r}")
         if self.max_tokens < 2:
             raise ValueError(f"max_tokens must be at least 2, got {self.max_tokens}")
         if self.batch_size < 1:
@@ -225,9 +228,18 @@ def score_batch_exact(
     )
     output_grads = output_grads * (mask.unsqueeze(-1) / counts.view(-1, 1, 1))
 
+    # A sample with non-finite values gets a NaN score, so the gate fails on it. Its factors
+    # are zeroed first because one NaN makes the batched eigendecomposition raise.
+    inputs = gathered[..., :cols]
+    broken = ~(output_grads.isfinite().all(dim=(1, 2)) & inputs.isfinite().all(dim=(1, 2)))
+    if broken.any():
+        output_grads = output_grads.masked_fill(broken.view(-1, 1, 1), 0.0)
+        inputs = inputs.masked_fill(broken.view(-1, 1, 1), 0.0)
+
     # Spectrum of E^T H for each sample, then the normalised entropy.
-    singular = low_rank_singular_values(output_grads, gathered[..., :cols], settings.top_k)
+    singular = low_rank_singular_values(output_grads, inputs, settings.top_k)
     scores = spectral_entropy(singular, settings.top_k)
+    scores = scores.masked_fill(broken.to(scores.device), math.nan)
 
     return [
         SampleScore(score=float(scores[i]), num_target_tokens=int(counts[i]), loss=float(losses[i]))
@@ -272,9 +284,13 @@ def score_sample_reference(
 
     rows = crop_size(gradient.shape[0], settings.row_crop)
     cols = crop_size(gradient.shape[1], settings.col_crop)
-    singular = dense_singular_values(
-        gradient[:rows, :cols], settings.top_k, settings.estimator, seed=seed
-    )
+    block = gradient[:rows, :cols]
+    if not bool(block.isfinite().all()):
+        # The SVD raises on non-finite input; a NaN score makes the gate fail instead.
+        return SampleScore(
+            score=math.nan, num_target_tokens=sample.num_target_tokens, loss=float(loss.detach())
+        )
+    singular = dense_singular_values(block, settings.top_k, settings.estimator, seed=seed)
     score = spectral_entropy(singular, settings.top_k)
     return SampleScore(
         score=float(score), num_target_tokens=sample.num_target_tokens, loss=float(loss.detach())
@@ -334,6 +350,9 @@ def score_frame(
         so that the gate fails instead of passing it.
     """
     model.eval()
+    max_tokens = clamp_max_tokens(settings.max_tokens, model)
+    if max_tokens != settings.max_tokens:
+        settings = replace(settings, max_tokens=max_tokens)
     encoded, rejected = encode_frame(tokenizer, frame, settings)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results: dict[int, SampleScore] = {}

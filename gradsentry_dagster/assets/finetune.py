@@ -9,7 +9,7 @@ from pydantic import Field
 
 from gradsentry_dagster.assets.scores import artifacts_dir
 from gradsentry_dagster.finetune import LoraTrainingConfig, train_lora
-from gradsentry_dagster.gate import run_gate
+from gradsentry_dagster.gate import clean_rows_problem, run_gate
 from gradsentry_dagster.progress import ProgressReporter
 from gradsentry_dagster.resources.model import GradSentryModelResource
 from gradsentry_dagster.resources.policy import ScanPolicy
@@ -54,7 +54,12 @@ def lora_finetuned_adapter(
 ) -> MaterializeResult:
     # A blocking check only stops steps of the same run; this re-check keeps a run that
     # materializes this asset on its own from training on data whose scan failed.
-    verdict = run_gate(gradient_entropy_scores, policy.gate_policy(), len(raw_dataset))
+    verdict = run_gate(
+        gradient_entropy_scores,
+        policy.gate_policy(),
+        len(raw_dataset),
+        expected_row_ids=raw_dataset["row_id"],
+    )
     if not verdict.passed:
         raise Failure(
             description=(
@@ -64,6 +69,10 @@ def lora_finetuned_adapter(
             ),
             metadata={"gate_counts": MetadataValue.json(verdict.counts)},
         )
+
+    problem = clean_rows_problem(gradient_entropy_scores, clean_dataset)
+    if problem:
+        raise Failure(description=f"refusing to fine-tune: {problem}")
 
     training = LoraTrainingConfig(
         max_steps=config.max_steps,

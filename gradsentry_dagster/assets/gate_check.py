@@ -12,7 +12,7 @@ from dagster import (
 )
 
 from gradsentry_dagster.assets.scores import gradient_entropy_scores
-from gradsentry_dagster.gate import run_gate
+from gradsentry_dagster.gate import reject_reason_counts, run_gate
 from gradsentry_dagster.resources.io import default_storage_dir
 from gradsentry_dagster.resources.policy import ScanPolicy
 
@@ -36,7 +36,11 @@ def gradsentry_gate(
 ) -> AssetCheckResult:
     docs_dir = f"{default_storage_dir()}/artifacts/{context.run.run_id}/data_docs"
     result = run_gate(
-        gradient_entropy_scores, policy.gate_policy(), len(raw_dataset), data_docs_dir=docs_dir
+        gradient_entropy_scores,
+        policy.gate_policy(),
+        len(raw_dataset),
+        data_docs_dir=docs_dir,
+        expected_row_ids=raw_dataset["row_id"],
     )
     counts = result.counts
     if result.passed:
@@ -55,6 +59,7 @@ def gradsentry_gate(
         "rows_in": counts["rows_in"],
         "scored": counts["scored"],
         "rejected": counts["rejected"],
+        "unaccounted": counts["unaccounted"],
         "flagged": counts["flagged"],
         "non_finite_scores": counts["non_finite_scores"],
         "flagged_fraction": float(counts["flagged_fraction"]),
@@ -65,9 +70,8 @@ def gradsentry_gate(
         ),
         "data_docs": MetadataValue.path(f"{docs_dir}/index.html"),
     }
-    if "reject_reason" in raw_dataset.columns and counts["rejected"]:
-        reasons = raw_dataset.loc[raw_dataset["status"] != "ok", "reject_reason"].value_counts().head(10)
-        metadata["reject_reasons"] = MetadataValue.json({str(k): int(v) for k, v in reasons.items()})
+    if counts["rejected"]:
+        metadata["reject_reasons"] = MetadataValue.json(reject_reason_counts(gradient_entropy_scores))
     return AssetCheckResult(
         passed=result.passed,
         severity=AssetCheckSeverity.ERROR,

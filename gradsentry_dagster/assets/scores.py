@@ -33,7 +33,8 @@ def scores_metadata(
     summary = summarize_scores(scores)
     labels = None
     if "poisoned" in frame.columns:
-        labels = frame["poisoned"].fillna(False).to_numpy(dtype=bool)
+        # Only True or 1 marks a poisoned row; text labels such as "False" must not count.
+        labels = frame["poisoned"].map(lambda value: value is True or value == 1).to_numpy(dtype=bool)
     plot_histogram(scores, plot_path, labels=labels)
     metadata = {
         "rows": summary["rows"],
