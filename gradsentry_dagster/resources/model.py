@@ -7,7 +7,13 @@ from typing import Optional
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from gradsentry_dagster.models import EMBEDDED_MODEL, LoadedModel, ModelSpec, load_model
+from gradsentry_dagster.models import (
+    EMBEDDED_MODEL,
+    LoadedModel,
+    ModelSpec,
+    load_model,
+    require_chat_template,
+)
 from gradsentry_dagster.scoring import ScoringSettings
 
 _CACHE: dict[ModelSpec, LoadedModel] = {}
@@ -97,7 +103,10 @@ class GradSentryModelResource(ConfigurableResource):
         with _CACHE_LOCK:
             if spec not in _CACHE:
                 _CACHE[spec] = load_model(spec)
-            return _CACHE[spec]
+            loaded = _CACHE[spec]
+        if self.prompt_format == "chat":
+            require_chat_template(loaded.tokenizer)
+        return loaded
 
     def load_fresh(self) -> LoadedModel:
         """Load a private copy of the model, for fine-tuning that modifies it."""
