@@ -453,13 +453,20 @@ def _read_records(path: Path, file_format: str) -> list[tuple[int, Any, str | No
     return readers[file_format](path)
 
 
+def _value_kind(value: Any) -> type:
+    if isinstance(value, bool):
+        return bool
+    if isinstance(value, (int, float)):
+        return float
+    return str
+
+
 def _uniform_column(values: pd.Series) -> pd.Series:
     """Return an extra column as text when its values mix types, which Parquet cannot store."""
-    present = values.dropna()
-    kinds = {bool if isinstance(v, bool) else float if isinstance(v, (int, float)) else str for v in present}
+    kinds = {_value_kind(value) for value in values.dropna()}
     if len(kinds) <= 1:
         return values
-    return values.map(lambda v: v if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+    return values.map(lambda value: None if _is_missing(value) else str(value))
 
 
 def records_to_frame(

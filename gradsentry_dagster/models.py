@@ -87,8 +87,8 @@ def context_length(model: torch.nn.Module) -> int | None:
 def clamp_max_tokens(max_tokens: int, model: torch.nn.Module) -> int:
     """Return ``max_tokens``, lowered to the model's context length when it is longer.
 
-    Beyond its context length a model with learned positions fails and one with rotary
-    positions silently extrapolates, so samples are cut to fit instead; the change is logged.
+    Beyond its context length a model with learned positions fails, and one with rotary
+    positions extrapolates silently. Samples are therefore cut to fit, and the change is logged.
     """
     limit = context_length(model)
     if limit is None or max_tokens <= limit:

@@ -102,8 +102,10 @@ def decide_threshold(scores, config: ThresholdConfig | None = None) -> Threshold
 
     grid = np.linspace(0.0, 1.0, config.grid_points)
     try:
-        density = kde_density(values, grid)
-    except np.linalg.LinAlgError as error:
+        # Scores far outside [0, 1] overflow the covariance; scipy then raises ValueError.
+        with np.errstate(over="ignore", invalid="ignore"):
+            density = kde_density(values, grid)
+    except (np.linalg.LinAlgError, ValueError) as error:
         return ThresholdDecision(fallback, RULE_FALLBACK, f"density fit failed: {error}")
     if not np.all(np.isfinite(density)) or density.max() <= 0:
         return ThresholdDecision(fallback, RULE_FALLBACK, "density is degenerate")

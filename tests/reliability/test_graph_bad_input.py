@@ -36,6 +36,9 @@ def test_graph_counts_every_row(name, finetune, instance, corpus_dir, tiny_model
 
     scores = stored_table(storage, "gradient_entropy_scores")
     assert list(scores["status"]) == [status for status, _ in expected]
+    for position, (_, fragment) in enumerate(expected):
+        if fragment is not None:
+            assert fragment in scores.at[position, "reason"], position
     clean = stored_table(storage, "clean_dataset")
     quarantined = stored_table(storage, "quarantined_samples")
     scored_ids = scores.loc[scores["status"] == SCORED, "row_id"]

@@ -89,6 +89,13 @@ def test_finite_scores_give_finite_threshold(scores):
     assert math.isfinite(decision.threshold)
 
 
+def test_huge_scores_fall_back():
+    # Found by the property above: the covariance of these scores overflows.
+    decision = decide_threshold(np.array([0.0] * 29 + [7.3e154]), ThresholdConfig())
+    assert decision.rule == "fallback"
+    assert decision.threshold == 0.7
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     scores=st.lists(st.floats(min_value=0.0, max_value=1.0), min_size=30, max_size=300),
