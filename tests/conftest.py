@@ -75,3 +75,16 @@ def tiny_model_dir(tmp_path_factory, tiny_model, tokenizer) -> Path:
     tiny_model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def instance(tmp_path, monkeypatch):
+    """A real Dagster instance in a temporary DAGSTER_HOME, with storage beside it."""
+    from dagster import DagsterInstance
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("GRADSENTRY_STORAGE", str(tmp_path / "storage"))
+    with DagsterInstance.get() as dagster_instance:
+        yield dagster_instance

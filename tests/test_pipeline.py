@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from dagster import DagsterInstance, materialize
+from dagster import materialize
 
 from gradsentry_dagster.assets import PIPELINE_ASSETS, PIPELINE_CHECKS
 from gradsentry_dagster.resources import GradSentryModelResource, ParquetIOManager, ScanPolicy
@@ -42,16 +42,6 @@ def run_pipeline(instance, dataset, tiny_model_dir, storage):
         run_config=run_config,
         raise_on_error=False,
     )
-
-
-@pytest.fixture
-def instance(tmp_path, monkeypatch):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setenv("GRADSENTRY_STORAGE", str(tmp_path / "storage"))
-    with DagsterInstance.get() as dagster_instance:
-        yield dagster_instance
 
 
 def materialized_keys(instance, run_id):
