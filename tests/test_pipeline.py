@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 from dagster import materialize
 
 from gradsentry_dagster.assets import PIPELINE_ASSETS, PIPELINE_CHECKS
