@@ -69,10 +69,9 @@ def _mixed_jsonl() -> tuple[bytes, list[tuple[str, str | None]]]:
         ({"id": "p2", "question": "Who?", "answer": "y", "poisoned": True}, SCORED, None),
     ]
     lines = [_jsonl([record]).decode("utf-8").rstrip("\n") for record, _, _ in rows]
-    # A blank line is not a record and must not shift the expected outcomes.
-    lines.insert(3, "")
+    # A blank line after the fourth record is not a record and must not shift the outcomes.
+    lines.insert(4, "")
     expected = [(status, fragment) for _, status, fragment in rows]
-    # The blank line moves every later line number by one.
     return ("\n".join(lines) + "\n").encode("utf-8"), expected
 
 
@@ -104,10 +103,6 @@ def _long_jsonl() -> bytes:
             {"id": "short", "question": GOOD_QUESTION, "answer": GOOD_ANSWER},
         ]
     )
-
-
-def _write_parquet_table(path: Path, table: pa.Table) -> None:
-    pq.write_table(table, path)
 
 
 CASES: dict[str, Case] = {}
@@ -214,7 +209,7 @@ def write_corpus(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, content in FILES.items():
         if isinstance(content, pa.Table):
-            _write_parquet_table(folder / name, content)
+            pq.write_table(content, folder / name)
         else:
             (folder / name).write_bytes(content)
     for name, (content, _) in UNREADABLE.items():
