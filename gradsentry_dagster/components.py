@@ -31,7 +31,7 @@ from gradsentry_dagster.models import EMBEDDED_MODEL
 from gradsentry_dagster.resources import GradSentryModelResource, ParquetIOManager, ScanPolicy
 
 
-class ScanPolicyModel(dg.Model):
+class ScanPolicyModel(dg.Model, dg.Resolvable):
     """Threshold rule and gate limits; the fields of the ``ScanPolicy`` resource."""
 
     threshold_rule: str = Field(default="auto", description="'auto' (density valley) or 'fixed'.")
