@@ -76,6 +76,18 @@ def test_two_versions_gated_independently(instance, tmp_path, tiny_model_dir):
     assert check.metadata["flagged_fraction"].value >= 0.4
     assert "versions/lora_finetuned_adapter" not in materialized_keys(instance, poisoned_run.run_id)
 
+    # The scores show the top suspicious rows as a table with truncated previews.
+    scores_event = next(
+        event
+        for event in poisoned_run.get_asset_materialization_events()
+        if event.asset_key == scan.key("gradient_entropy_scores")
+    )
+    top = scores_event.materialization.metadata["top_suspicious"].value
+    assert len(top.records) == 10
+    assert all(record.data["flagged"] for record in top.records)
+    assert all(len(record.data["answer"]) <= 60 for record in top.records)
+    assert scores_event.materialization.metadata["shards"].value == 1
+
     # Each version's tables sit in their own partition file.
     scores_dir = tmp_path / "storage" / "versions" / "gradient_entropy_scores"
     assert sorted(p.stem for p in scores_dir.glob("*.parquet")) == sorted([clean_key, poisoned_key])
