@@ -1,7 +1,6 @@
 """The Dagster UI in headless Chromium: a poisoned dataset fails the gate and blocks fine-tuning."""
 
 import os
-import shutil
 import signal
 import socket
 import subprocess

@@ -240,7 +240,9 @@ def build_versioned_scan(
         asset=key("gradient_entropy_scores"),
         name="gradsentry_gate",
         blocking=True,
-        # Partitioned like its asset, so it loads and judges only the run's version.
+        # Partitioned like its asset, so it loads and judges only the run's version. Without
+        # it, Dagster 1.13 loads every partition into the check and the IO manager raises.
+        # NOTE: partitioned asset checks are a preview feature in Dagster 1.13 (PreviewWarning).
         partitions_def=partitions_def,
         additional_ins={"raw_dataset": AssetIn(key("raw_dataset"))},
         description=(
