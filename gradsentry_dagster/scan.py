@@ -66,6 +66,15 @@ def scan_frame(
 ) -> ScanResult:
     """Score every row of a canonical table, decide the threshold and flag rows above it."""
     raw = score_frame(model, tokenizer, frame, settings, progress=progress)
+    return flag_scores(raw, threshold_config)
+
+
+def flag_scores(raw: pd.DataFrame, threshold_config: ThresholdConfig) -> ScanResult:
+    """Decide the threshold on all scored rows of ``raw`` and flag the rows above it.
+
+    Sharded scans call this once on the concatenated shard scores, so the threshold always
+    sees the whole dataset.
+    """
     scored = raw["status"] == STATUS_SCORED
     decision = decide_threshold(raw.loc[scored, "score"].to_numpy(), threshold_config)
     table = apply_threshold(raw, decision)

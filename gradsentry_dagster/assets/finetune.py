@@ -52,6 +52,21 @@ def lora_finetuned_adapter(
     model: GradSentryModelResource,
     policy: ScanPolicy,
 ) -> MaterializeResult:
+    return finetune_adapter(
+        context, config, clean_dataset, gradient_entropy_scores, raw_dataset, model, policy
+    )
+
+
+def finetune_adapter(
+    context: AssetExecutionContext,
+    config: FineTuneConfig,
+    clean_dataset: pd.DataFrame,
+    gradient_entropy_scores: pd.DataFrame,
+    raw_dataset: pd.DataFrame,
+    model: GradSentryModelResource,
+    policy: ScanPolicy,
+) -> MaterializeResult:
+    """Re-run the gate on the given scores, then train and save a LoRA adapter on the clean rows."""
     # A blocking check only stops steps of the same run; this re-check keeps a run that
     # materializes this asset on its own from training on data whose scan failed.
     verdict = run_gate(

@@ -34,6 +34,16 @@ def gradsentry_gate(
     raw_dataset: pd.DataFrame,
     policy: ScanPolicy,
 ) -> AssetCheckResult:
+    return evaluate_gate(context, gradient_entropy_scores, raw_dataset, policy)
+
+
+def evaluate_gate(
+    context: AssetCheckExecutionContext,
+    gradient_entropy_scores: pd.DataFrame,
+    raw_dataset: pd.DataFrame,
+    policy: ScanPolicy,
+) -> AssetCheckResult:
+    """Run the Great Expectations gate and report it as a check result with its Data Docs."""
     docs_dir = f"{default_storage_dir()}/artifacts/{context.run.run_id}/data_docs"
     result = run_gate(
         gradient_entropy_scores,

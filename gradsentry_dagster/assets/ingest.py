@@ -69,13 +69,18 @@ def load_source(config: DatasetSourceConfig) -> pd.DataFrame:
 )
 def raw_dataset(context: AssetExecutionContext, config: DatasetSourceConfig) -> Output[pd.DataFrame]:
     frame = load_source(config)
+    source = config.path or f"embedded demo set ({DEMO_LICENSE})"
+    return dataset_output(context, frame, source)
+
+
+def dataset_output(context: AssetExecutionContext, frame: pd.DataFrame, source: str) -> Output[pd.DataFrame]:
+    """Log the row counts of a freshly read table and wrap it with its metadata."""
     rejected = int((frame["status"] == STATUS_REJECTED).sum())
     context.log.info(
-        f"read {len(frame)} rows from {config.path or 'the embedded demo set'}: "
-        f"{len(frame) - rejected} usable, {rejected} rejected"
+        f"read {len(frame)} rows from {source}: {len(frame) - rejected} usable, {rejected} rejected"
     )
     metadata = {
-        "source": config.path or f"embedded demo set ({DEMO_LICENSE})",
+        "source": source,
         "rows": len(frame),
         "rejected_rows": rejected,
     }

@@ -5,10 +5,18 @@ import base64
 from pathlib import Path
 
 import pandas as pd
-from dagster import AssetExecutionContext, MetadataValue, Output, asset
+from dagster import (
+    AssetExecutionContext,
+    MetadataValue,
+    Output,
+    TableColumn,
+    TableRecord,
+    TableSchema,
+    asset,
+)
 
 from gradsentry_dagster.progress import ProgressReporter
-from gradsentry_dagster.report import markdown_table, plot_histogram, summarize_scores, top_suspicious
+from gradsentry_dagster.report import plot_histogram, summarize_scores, top_suspicious
 from gradsentry_dagster.resources.io import default_storage_dir
 from gradsentry_dagster.resources.model import GradSentryModelResource
 from gradsentry_dagster.resources.policy import ScanPolicy
@@ -24,6 +32,19 @@ def image_markdown(path: Path, alt: str) -> MetadataValue:
     """Return a markdown metadata value that shows a PNG inline in the Dagster UI."""
     encoded = base64.b64encode(path.read_bytes()).decode("ascii")
     return MetadataValue.md(f"![{alt}](data:image/png;base64,{encoded})")
+
+
+def table_metadata(frame: pd.DataFrame) -> MetadataValue:
+    """Return a small DataFrame as a table metadata value, which the Dagster UI shows inline."""
+    kinds = {"f": "float", "i": "int", "u": "int", "b": "bool"}
+    schema = TableSchema(
+        columns=[TableColumn(name, kinds.get(frame[name].dtype.kind, "string")) for name in frame.columns]
+    )
+    records = [
+        TableRecord({name: value.item() if hasattr(value, "item") else value for name, value in row.items()})
+        for row in frame.to_dict(orient="records")
+    ]
+    return MetadataValue.table(records, schema=schema)
 
 
 def scores_metadata(
@@ -46,9 +67,7 @@ def scores_metadata(
         "threshold_rule": summary["threshold_rule"],
         "score_histogram": image_markdown(plot_path, "score histogram"),
         "score_histogram_path": MetadataValue.path(str(plot_path)),
-        "top_suspicious": MetadataValue.md(
-            markdown_table(top_suspicious(scores, frame, limit=10))
-        ),
+        "top_suspicious": table_metadata(top_suspicious(scores, frame, limit=10)),
     }
     if labels is not None and labels.any() and not labels.all():
         from gradsentry_dagster.metrics import detection_metrics

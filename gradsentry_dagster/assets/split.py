@@ -25,6 +25,13 @@ from gradsentry_dagster.scan import split_dataset
 def split_by_score(
     context: AssetExecutionContext, raw_dataset: pd.DataFrame, gradient_entropy_scores: pd.DataFrame
 ):
+    yield from split_outputs(context, raw_dataset, gradient_entropy_scores)
+
+
+def split_outputs(
+    context: AssetExecutionContext, raw_dataset: pd.DataFrame, gradient_entropy_scores: pd.DataFrame
+):
+    """Yield the ``clean_dataset`` and ``quarantined_samples`` outputs of one scan."""
     clean, quarantined = split_dataset(raw_dataset, gradient_entropy_scores)
     rejected = len(raw_dataset) - len(clean) - len(quarantined)
     context.log.info(
