@@ -18,7 +18,7 @@ from dagster import (
 from gradsentry_dagster.assets.versioned import build_versioned_scan
 from gradsentry_dagster.resources import GradSentryModelResource, ParquetIOManager, ScanPolicy
 from gradsentry_dagster.versions import version_key
-from tests.test_pipeline import instance, write_dataset  # noqa: F401 (fixture)
+from tests.test_pipeline import write_dataset
 
 # The job is rebuilt in each step's process, so the test passes its settings through these.
 GLOB_ENV = "GRADSENTRY_TEST_SHARD_GLOB"

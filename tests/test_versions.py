@@ -7,7 +7,7 @@ from dagster import AssetKey, materialize
 from gradsentry_dagster.assets.versioned import build_versioned_scan, gather_shards, shard_positions
 from gradsentry_dagster.resources import GradSentryModelResource, ParquetIOManager, ScanPolicy
 from gradsentry_dagster.versions import version_key
-from tests.test_pipeline import instance, materialized_keys, write_dataset  # noqa: F401 (fixture)
+from tests.test_pipeline import materialized_keys, write_dataset
 
 
 def versioned_resources(tiny_model_dir, storage):
