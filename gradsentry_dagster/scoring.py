@@ -25,7 +25,7 @@ import json
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from gradsentry_dagster.cache import RESULT_COLUMNS, ScoreCache, row_content_hashes
 from gradsentry_dagster.data import STATUS_OK
 from gradsentry_dagster.prompts import EncodedSample, SampleTooLongError, encode_sample
 from gradsentry_dagster.spectral import (
@@ -49,6 +50,13 @@ logger = logging.getLogger(__name__)
 STATUS_SCORED = "scored"
 STATUS_REJECTED = "rejected"
 SCORE_COLUMNS = ["row_id", "status", "score", "num_target_tokens", "loss", "reason"]
+RESULT_DTYPES = {
+    "status": object,
+    "score": "float64",
+    "num_target_tokens": "int64",
+    "loss": "float64",
+    "reason": object,
+}
 # ScoringSettings fields that change how a score is computed but not its value.
 EXECUTION_FIELDS = ("method", "batch_size", "padding_side", "share_prefix")
 
@@ -476,6 +484,31 @@ def encode_frame(
     return encoded, rejected
 
 
+def _scored_record(result: SampleScore, sample: EncodedSample) -> dict:
+    """Return the result columns of a scored row; a non-finite score becomes NaN with a reason."""
+    finite = math.isfinite(result.score) and math.isfinite(result.loss)
+    reasons = [] if finite else ["score or loss is not finite"]
+    if sample.prompt_truncated:
+        reasons.append("prompt truncated from the left")
+    return {
+        "status": STATUS_SCORED,
+        "score": result.score if math.isfinite(result.score) else math.nan,
+        "num_target_tokens": result.num_target_tokens,
+        "loss": result.loss,
+        "reason": "; ".join(reasons),
+    }
+
+
+def _rejected_record(reason: str) -> dict:
+    return {
+        "status": STATUS_REJECTED,
+        "score": math.nan,
+        "num_target_tokens": 0,
+        "loss": math.nan,
+        "reason": reason,
+    }
+
+
 def score_frame(
     model: torch.nn.Module,
     tokenizer,
@@ -483,6 +516,7 @@ def score_frame(
     settings: ScoringSettings,
     progress: Callable[[int], None] | None = None,
     seed: int = 0,
+    cache: ScoreCache | None = None,
 ) -> pd.DataFrame:
     """Score every usable row of a canonical table; rejected rows keep their reason.
 
@@ -493,6 +527,9 @@ def score_frame(
         settings: Scoring settings.
         progress: Called with the number of rows finished so far, after each batch.
         seed: Seed of the randomized estimator (reference path only).
+        cache: Scores of earlier scans by the same model. Rows whose content, model and
+            settings match a cached entry are not scored again, and every new result is
+            added to the cache batch by batch, so a killed scan resumes where it stopped.
 
     Returns:
         One row per input row, in input order, with the columns of ``SCORE_COLUMNS``. A row
@@ -500,69 +537,91 @@ def score_frame(
         so that the gate fails instead of passing it.
     """
     model.eval()
-    encoded, rejected = encode_frame(tokenizer, frame, settings)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    results: dict[int, SampleScore] = {}
+    results: dict[int, dict] = {}
+    usable = []
+    for position, (status, reason) in enumerate(zip(frame["status"], frame["reject_reason"])):
+        if status == STATUS_OK:
+            usable.append(position)
+        else:
+            results[position] = _rejected_record(reason or "rejected at ingestion")
+
+    # Rows with a cached result skip tokenization and scoring.
+    settings_fingerprint = settings.fingerprint()
+    hashes: dict[int, str] = {}
+    cached = pd.DataFrame()
+    pending = usable
+    if cache is not None:
+        hashes = dict(zip(usable, row_content_hashes(frame.iloc[usable])))
+        found = cache.lookup(list(hashes.values()), settings_fingerprint)
+        hit_positions = [position for position in usable if hashes[position] in found.index]
+        cached = found.reindex([hashes[position] for position in hit_positions])
+        cached.index = hit_positions
+        hit_set = set(hit_positions)
+        pending = [position for position in usable if position not in hit_set]
+        logger.info("score cache: %d of %d usable rows already scored", len(hit_positions), len(usable))
+
+    def record(positions: Sequence[int], records: Sequence[dict]) -> None:
+        results.update(zip(positions, records))
+        if cache is not None:
+            cache.add(
+                settings_fingerprint,
+                [{"content_hash": hashes[p], **r} for p, r in zip(positions, records)],
+            )
+
+    encoded_subset, too_long = encode_frame(tokenizer, frame.iloc[pending], settings)
+    encoded = {pending[index]: sample for index, sample in encoded_subset.items()}
+    record([pending[index] for index in too_long], [_rejected_record(r) for r in too_long.values()])
     truncated = sum(1 for sample in encoded.values() if sample.prompt_truncated)
     if truncated:
         logger.info("%d prompts were truncated from the left to fit max_tokens", truncated)
 
-    done = len(rejected)
+    done = len(frame) - len(encoded)
     if progress:
         progress(done)
+    for chunk, scores in _score_encoded(model, tokenizer, encoded, settings, seed):
+        record(chunk, [_scored_record(score, encoded[p]) for p, score in zip(chunk, scores)])
+        done += len(chunk)
+        if progress:
+            progress(done)
+    if cache is not None:
+        cache.flush()
+
+    parts = [pd.DataFrame.from_dict(results, orient="index", columns=RESULT_COLUMNS)]
+    if len(cached):
+        parts.append(cached)
+    table = pd.concat(parts).reindex(range(len(frame)))
+    table = table.astype(RESULT_DTYPES)
+    table.insert(0, "row_id", frame["row_id"].to_numpy())
+    return table.reset_index(drop=True)[SCORE_COLUMNS]
+
+
+def _score_encoded(
+    model: torch.nn.Module,
+    tokenizer,
+    encoded: dict[int, EncodedSample],
+    settings: ScoringSettings,
+    seed: int,
+) -> Iterator[tuple[list[int], list[SampleScore]]]:
+    """Yield ``(positions, scores)`` batch by batch, in a deterministic order."""
     if settings.method == "reference":
         for position, sample in encoded.items():
-            results[position] = score_sample_reference(model, sample, settings, seed=seed)
-            done += 1
-            if progress:
-                progress(done)
-    else:
-        # Sorting by length keeps padding low; results are put back in input order below.
-        order = sorted(encoded, key=lambda position: len(encoded[position].input_ids))
-        weight = output_projection(model).weight.detach().float()
-        prefix_states = PrefixStates(model) if settings.share_prefix else None
-        for start in range(0, len(order), settings.batch_size):
-            chunk = order[start : start + settings.batch_size]
-            scores = score_batch_exact(
-                model,
-                [encoded[p] for p in chunk],
-                settings,
-                pad_id,
-                projection_weight=weight,
-                prefix_states=prefix_states,
-            )
-            results.update(zip(chunk, scores))
-            done += len(chunk)
-            if progress:
-                progress(done)
+            yield [position], [score_sample_reference(model, sample, settings, seed=seed)]
+        return
 
-    records = []
-    for position, row_id in enumerate(frame["row_id"]):
-        if position in rejected:
-            records.append(
-                {
-                    "row_id": row_id,
-                    "status": STATUS_REJECTED,
-                    "score": math.nan,
-                    "num_target_tokens": 0,
-                    "loss": math.nan,
-                    "reason": rejected[position],
-                }
-            )
-            continue
-        result = results[position]
-        finite = math.isfinite(result.score) and math.isfinite(result.loss)
-        reason = "" if finite else "score or loss is not finite"
-        if encoded[position].prompt_truncated:
-            reason = (reason + "; " if reason else "") + "prompt truncated from the left"
-        records.append(
-            {
-                "row_id": row_id,
-                "status": STATUS_SCORED,
-                "score": result.score if math.isfinite(result.score) else math.nan,
-                "num_target_tokens": result.num_target_tokens,
-                "loss": result.loss,
-                "reason": reason,
-            }
+    # Sorting by length keeps padding low. The order depends only on the samples, so a resumed
+    # scan forms the same batches as the scan it resumes.
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(encoded, key=lambda position: len(encoded[position].input_ids))
+    weight = output_projection(model).weight.detach().float()
+    prefix_states = PrefixStates(model) if settings.share_prefix else None
+    for start in range(0, len(order), settings.batch_size):
+        chunk = order[start : start + settings.batch_size]
+        scores = score_batch_exact(
+            model,
+            [encoded[p] for p in chunk],
+            settings,
+            pad_id,
+            projection_weight=weight,
+            prefix_states=prefix_states,
         )
-    return pd.DataFrame.from_records(records, columns=SCORE_COLUMNS)
+        yield chunk, scores
