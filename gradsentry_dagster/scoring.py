@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from gradsentry_dagster.cache import RESULT_COLUMNS, ScoreCache, row_content_hashes
 from gradsentry_dagster.data import STATUS_OK
-from gradsentry_dagster.prompts import EncodedSample, SampleTooLongError, encode_sample
+from gradsentry_dagster.prompts import EncodedSample, SampleTooLongError, encode_samples
 from gradsentry_dagster.spectral import (
     DEFAULT_CROP_FRACTION,
     DEFAULT_TOP_K,
@@ -465,22 +465,28 @@ def encode_frame(
     """
     encoded: dict[int, EncodedSample] = {}
     rejected: dict[int, str] = {}
-    for position, row in enumerate(frame.itertuples(index=False)):
-        if row.status != STATUS_OK:
-            rejected[position] = row.reject_reason or "rejected at ingestion"
-            continue
-        try:
-            encoded[position] = encode_sample(
-                tokenizer,
-                instruction=row.instruction,
-                context=row.context,
-                question=row.question,
-                answer=row.answer,
-                max_tokens=settings.max_tokens,
-                prompt_format=settings.prompt_format,
-            )
-        except SampleTooLongError as error:
-            rejected[position] = f"answer too long: {error}"
+    usable = []
+    for position, (status, reason) in enumerate(zip(frame["status"], frame["reject_reason"])):
+        if status == STATUS_OK:
+            usable.append(position)
+        else:
+            rejected[position] = reason or "rejected at ingestion"
+
+    rows = frame.iloc[usable]
+    samples = encode_samples(
+        tokenizer,
+        instructions=rows["instruction"].tolist(),
+        contexts=rows["context"].tolist(),
+        questions=rows["question"].tolist(),
+        answers=rows["answer"].tolist(),
+        max_tokens=settings.max_tokens,
+        prompt_format=settings.prompt_format,
+    )
+    for position, sample in zip(usable, samples):
+        if isinstance(sample, SampleTooLongError):
+            rejected[position] = f"answer too long: {sample}"
+        else:
+            encoded[position] = sample
     return encoded, rejected
 
 

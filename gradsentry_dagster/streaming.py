@@ -55,6 +55,9 @@ SCORES_SCHEMA = pa.schema(
 )
 assert SCORES_SCHEMA.names == SCORE_COLUMNS
 
+# Words of the generated benchmark rows.
+GENERATED_WORDS = ("red", "blue", "paris", "river", "king", "nine", "oak", "salt")
+
 Record = tuple[int, Any, "str | None"]
 
 
@@ -262,7 +265,7 @@ def write_generated_dataset(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     generator = np.random.default_rng(seed)
-    words = np.array(["red", "blue", "paris", "river", "king", "nine", "oak", "salt"])
+    words = np.array(GENERATED_WORDS)
     schema = pa.schema([("id", pa.string()), ("question", pa.string()), ("answer", pa.string())])
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, rows, chunk_rows):
