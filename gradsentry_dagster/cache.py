@@ -108,11 +108,11 @@ class ScoreCache:
             the hashes found; a hash repeated in ``hashes`` appears once.
         """
         entries = self._entries(settings_fingerprint)
-        wanted = pd.Index(hashes)
-        found_mask = wanted.isin(entries.index)
+        requested = pd.Index(hashes)
+        found_mask = requested.isin(entries.index)
         self.hits += int(found_mask.sum())
         self.misses += int((~found_mask).sum())
-        found = wanted[found_mask].unique()
+        found = requested[found_mask].unique()
         return entries.loc[found, RESULT_COLUMNS]
 
     def add(self, settings_fingerprint: str, records: Iterable[dict]) -> None:

@@ -8,7 +8,9 @@ Two paths compute the same score:
 - ``exact``: one forward pass per padded batch and no backward pass. The cropped gradient is
   ``E^T H`` with ``E`` the cropped ``softmax - onehot`` rows and ``H`` the cropped final hidden
   states at the target positions, so its spectrum comes from ``tokens x tokens`` Gram matrices
-  (see :mod:`gradsentry_dagster.spectral`).
+  (see :mod:`gradsentry_dagster.spectral`). Batches hold samples of similar length, and the
+  token prefix that a batch's samples share (the prompt template) runs once and its keys and
+  values are reused, which causal attention makes exact.
 
 The weight used is always the output projection's own, so models whose input and output
 embeddings are tied (SmolLM2, small Qwen2.5, Gemma) are scored correctly: the gradient that
