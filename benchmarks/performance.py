@@ -110,81 +110,72 @@ def batches(samples: list, batch_size: int) -> list[list]:
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
-def time_reference(model, samples, settings, device) -> tuple[float, list[float]]:
-    score_sample_reference(model, samples[0], settings)
-    synchronize(device)
-    start = time.perf_counter()
-    scores = [score_sample_reference(model, sample, settings).score for sample in samples]
-    synchronize(device)
-    return time.perf_counter() - start, scores
-
-
-def time_fast(model, samples, settings, pad_id, device) -> tuple[float, dict[int, float]]:
-    groups = batches(samples, settings.batch_size)
-    weight = output_projection(model).weight.detach().float()
-    score_batch_exact(model, groups[0], settings, pad_id, projection_weight=weight)
-    synchronize(device)
-    start = time.perf_counter()
-    weight = output_projection(model).weight.detach().float()
-    prefix_states = PrefixStates(model)
-    scores = {}
-    for group in groups:
-        results = score_batch_exact(
-            model, group, settings, pad_id, projection_weight=weight, prefix_states=prefix_states
-        )
-        scores.update((id(sample), result.score) for sample, result in zip(group, results))
-    synchronize(device)
-    return time.perf_counter() - start, scores
-
-
-@torch.no_grad()
-def time_forward(model, samples, batch_size, pad_id, device) -> float:
-    groups = batches(samples, batch_size)
-
-    def run(group):
-        padded = pad_batch(group, pad_id)
-        return model(
-            input_ids=padded.input_ids.to(device),
-            attention_mask=padded.attention_mask.to(device),
-            use_cache=False,
-        ).logits
-
-    run(groups[0])
-    synchronize(device)
-    start = time.perf_counter()
-    for group in groups:
-        run(group)
-    synchronize(device)
-    return time.perf_counter() - start
-
-
 def compare(model, tokenizer, samples, batch_size, device) -> dict:
-    """Time the three paths on the same samples and compare their scores."""
+    """Time the three paths on the same samples and compare their scores.
+
+    The paths take turns batch by batch, in a rotating order, so that a change in the load
+    of a shared machine during the run falls on all three alike.
+    """
     pad_id = tokenizer.pad_token_id
     reference_settings = ScoringSettings(method="reference")
     fast_settings = ScoringSettings(batch_size=batch_size)
-    n = len(samples)
+    groups = batches(samples, batch_size)
+    weight = output_projection(model).weight.detach().float()
+    prefix_states = PrefixStates(model)
 
-    reference_s, reference_scores = time_reference(model, samples, reference_settings, device)
-    print(f"  reference path: {reference_s:.1f} s", flush=True)
-    fast_s, fast_scores = time_fast(model, samples, fast_settings, pad_id, device)
-    print(f"  fast path: {fast_s:.1f} s", flush=True)
-    forward_s = time_forward(model, samples, batch_size, pad_id, device)
-    print(f"  plain forward: {forward_s:.1f} s", flush=True)
-    differences = [abs(fast_scores[id(s)] - r) for s, r in zip(samples, reference_scores)]
+    def reference(group):
+        return [score_sample_reference(model, sample, reference_settings).score for sample in group]
+
+    def fast(group):
+        results = score_batch_exact(
+            model, group, fast_settings, pad_id, projection_weight=weight, prefix_states=prefix_states
+        )
+        return [result.score for result in results]
+
+    @torch.no_grad()
+    def forward(group):
+        padded = pad_batch(group, pad_id)
+        model(
+            input_ids=padded.input_ids.to(device),
+            attention_mask=padded.attention_mask.to(device),
+            use_cache=False,
+        )
+        return []
+
+    # One untimed small batch each, so that one-time setup is not timed.
+    paths = {"reference": reference, "fast": fast, "forward": forward}
+    for path in paths.values():
+        path(groups[0][:2])
+
+    names = list(paths)
+    seconds = dict.fromkeys(names, 0.0)
+    scores: dict[str, list[float]] = {name: [] for name in names}
+    for index, group in enumerate(groups):
+        for name in names[index % 3 :] + names[: index % 3]:
+            synchronize(device)
+            start = time.perf_counter()
+            scores[name].extend(paths[name](group))
+            synchronize(device)
+            seconds[name] += time.perf_counter() - start
+        totals = ", ".join(f"{name} {seconds[name]:.1f} s" for name in names)
+        print(f"  batch {index + 1}/{len(groups)}: {totals}", flush=True)
+
+    n = len(samples)
+    differences = [abs(a - b) for a, b in zip(scores["fast"], scores["reference"])]
     return {
         "batch_size": batch_size,
-        "reference_ms_per_sample": 1000 * reference_s / n,
-        "fast_ms_per_sample": 1000 * fast_s / n,
-        "forward_ms_per_sample": 1000 * forward_s / n,
-        "speedup_vs_reference": reference_s / fast_s,
-        "throughput_vs_forward": forward_s / fast_s,
+        "reference_ms_per_sample": 1000 * seconds["reference"] / n,
+        "fast_ms_per_sample": 1000 * seconds["fast"] / n,
+        "forward_ms_per_sample": 1000 * seconds["forward"] / n,
+        "speedup_vs_reference": seconds["reference"] / seconds["fast"],
+        "throughput_vs_forward": seconds["forward"] / seconds["fast"],
         "max_abs_score_diff": max(differences),
-        "_reference_scores": reference_scores,
+        "_samples": [sample for group in groups for sample in group],
+        "_reference_scores": scores["reference"],
     }
 
 
-def randomized_distance(model, samples, reference_scores, limit: int = 16) -> dict:
+def randomized_distance(model, samples, reference_scores, limit: int = 8) -> dict:
     """Distance of the randomized SVD estimator (GradSentry's reference code) from exact,
     on the first ``limit`` samples."""
     settings = ScoringSettings(method="reference", estimator="randomized")
@@ -294,6 +285,10 @@ def main() -> None:
         help="Comma-separated sizes of the generated streaming datasets; empty to skip.",
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help="Where the JSON goes.")
+    parser.add_argument(
+        "--streaming-from", type=Path, default=None,
+        help="Copy the streaming results of an earlier result file instead of rerunning them.",
+    )
     parser.add_argument("--streaming-worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -316,6 +311,7 @@ def main() -> None:
     for batch_size in sizes:
         run = compare(model, tokenizer, samples, batch_size, device)
         reference_scores = run.pop("_reference_scores")
+        ordered_samples = run.pop("_samples")
         print(
             f"batch {batch_size}: reference {run['reference_ms_per_sample']:.1f} ms/sample, "
             f"fast {run['fast_ms_per_sample']:.1f}, forward {run['forward_ms_per_sample']:.1f}; "
@@ -325,7 +321,7 @@ def main() -> None:
         )
         runs.append(run)
 
-    randomized = randomized_distance(model, samples, reference_scores)
+    randomized = randomized_distance(model, ordered_samples, reference_scores)
     print(f"randomized estimator vs exact: max |diff| {randomized['max_abs_score_diff']:.2e}")
 
     result = {
@@ -340,7 +336,10 @@ def main() -> None:
         "peak_rss_mb": peak_rss_mb(),
     }
     streaming_sizes = [int(size) for size in args.streaming_rows.split(",") if size]
-    if streaming_sizes:
+    if args.streaming_from is not None:
+        result["streaming"] = json.loads(args.streaming_from.read_text())["streaming"]
+        result["streaming_source"] = f"copied from an earlier run ({args.streaming_from.name})"
+    elif streaming_sizes:
         result["streaming"] = run_streaming(streaming_sizes, batch_size=512)
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
