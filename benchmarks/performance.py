@@ -48,6 +48,7 @@ from gradsentry_dagster.scoring import (  # noqa: E402
     pad_batch,
     score_batch_exact,
     score_sample_reference,
+    template_prefix_length,
 )
 
 SHARED_DATA = Path(os.environ.get("GRADSENTRY_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
@@ -121,7 +122,7 @@ def compare(model, tokenizer, samples, batch_size, device) -> dict:
     fast_settings = ScoringSettings(batch_size=batch_size)
     groups = batches(samples, batch_size)
     weight = output_projection(model).weight.detach().float()
-    prefix_states = PrefixStates(model)
+    prefix_states = PrefixStates(model, max_length=template_prefix_length(tokenizer, fast_settings))
 
     def reference(group):
         return [score_sample_reference(model, sample, reference_settings).score for sample in group]

@@ -236,16 +236,46 @@ def shared_prefix_length(samples: Sequence[EncodedSample]) -> int:
     return int(same.long().cumprod(dim=0).sum())
 
 
+def template_prefix_length(tokenizer, settings: ScoringSettings) -> int:
+    """Return the number of leading tokens that the prompt template gives every sample.
+
+    It is measured on two samples with unrelated questions, so it depends only on the
+    tokenizer and the settings and not on the data.
+    """
+    probes = encode_samples(
+        tokenizer,
+        instructions=["", ""],
+        contexts=["", ""],
+        questions=["Why", "7"],
+        answers=["x", "y"],
+        max_tokens=settings.max_tokens,
+        prompt_format=settings.prompt_format,
+    )
+    if any(isinstance(probe, SampleTooLongError) for probe in probes):
+        return 0
+    return shared_prefix_length(probes)
+
+
 class PrefixStates:
     """Keys and values of shared token prefixes, computed once per distinct prefix.
 
     A prefix is always run on its own from position 0, so a batch's scores depend only on the
     batch's samples and not on which batches ran before it (resumed scans repeat them exactly).
+
+    Args:
+        model: The causal language model.
+        max_entries: How many distinct prefixes are kept.
+        max_length: Longest prefix shared, usually the prompt template's length. Without a cap,
+            batches sorted by length also share the first words of their questions, and each
+            batch would then run a prefix of its own.
     """
 
-    def __init__(self, model: torch.nn.Module, max_entries: int = 4) -> None:
+    def __init__(
+        self, model: torch.nn.Module, max_entries: int = 4, max_length: int | None = None
+    ) -> None:
         self.decoder = _decoder(model)
         self.max_entries = max_entries
+        self.max_length = max_length
         self._entries: OrderedDict[tuple[int, ...], object] = OrderedDict()
 
     @property
@@ -364,6 +394,8 @@ def score_batch_exact(
     prefix_length = 0
     if prefix_states is not None and prefix_states.available:
         prefix_length = shared_prefix_length(samples)
+        if prefix_states.max_length is not None:
+            prefix_length = min(prefix_length, prefix_states.max_length)
     past = None
     if prefix_length:
         past = prefix_states.expanded(samples[0].input_ids[:prefix_length], len(samples), device)
@@ -621,7 +653,9 @@ def _score_encoded(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(encoded, key=lambda position: len(encoded[position].input_ids))
     weight = output_projection(model).weight.detach().float()
-    prefix_states = PrefixStates(model) if settings.share_prefix else None
+    prefix_states = None
+    if settings.share_prefix:
+        prefix_states = PrefixStates(model, max_length=template_prefix_length(tokenizer, settings))
     for start in range(0, len(order), settings.batch_size):
         chunk = order[start : start + settings.batch_size]
         scores = score_batch_exact(

@@ -3,9 +3,9 @@
 The source is read a chunk of records at a time through pyarrow (Parquet and CSV) or line by
 line (JSON Lines), each chunk is mapped to canonical rows with the same rules as
 :func:`gradsentry_dagster.data.read_dataset`, scored, and appended to a Parquet file. Memory
-therefore depends on the chunk size and not on the number of rows, with one exception: repeated
-row ids are renamed (``#2``, ``#3``) as ``read_dataset`` does, which needs every id seen so far,
-so the ids are counted in a SQLite table on disk.
+therefore depends on the chunk size and not on the number of rows. Repeated row ids are renamed
+(``#2``, ``#3``) as ``read_dataset`` does. That needs every id seen so far, so the ids are
+counted in a SQLite table on disk instead of in memory.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from gradsentry_dagster.scoring import (
     pad_batch,
     score_frame,
     shared_prefix_length,
+    template_prefix_length,
 )
 from tests.conftest import PROJECT_ROOT, make_tiny_llama
 from tests.test_scoring import qa_frame
@@ -126,3 +127,19 @@ def test_benchmark_script_gpu_mode_on_cpu(tmp_path, qa_data_dir, embedded_model_
     assert [run["batch_size"] for run in result["batch_sizes"]] == [1, 4]
     assert result["n_samples"] == 6
     assert result["max_abs_score_diff"] < 2e-2
+
+
+@pytest.mark.parametrize("prompt_format", ["qa", "chat"])
+def test_template_prefix_length_within_template(tokenizer, prompt_format):
+    settings = ScoringSettings(prompt_format=prompt_format)
+    length = template_prefix_length(tokenizer, settings)
+    questions = ("Who founded the city?", "which river is longest?", "1990 winner?")
+    samples = [
+        encode_sample(
+            tokenizer, instruction="", context="", question=q, answer="a", max_tokens=128,
+            prompt_format=prompt_format,
+        )
+        for q in questions
+    ]
+    assert length >= 10
+    assert length <= shared_prefix_length(samples)
