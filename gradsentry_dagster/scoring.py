@@ -80,7 +80,8 @@ class ScoringSettings:
         padding_side: ``"right"`` or ``"left"``: where the exact path pads shorter samples.
             Scores do not depend on it.
         share_prefix: On the exact path, run the token prefix that every sample of a batch
-            shares once and reuse its keys and values. Scores do not depend on it.
+            shares, up to the prompt template's length, once and reuse its keys and values.
+            Scores do not depend on it.
     """
 
     method: Literal["exact", "reference"] = "exact"
