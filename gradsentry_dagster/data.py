@@ -473,6 +473,21 @@ def records_to_frame(
     records: Iterable[tuple[int, Any, str | None]], mapping: FieldMapping
 ) -> pd.DataFrame:
     """Build the canonical table from (index, record, parse error) triples."""
+    rows = canonical_rows(records, mapping)
+    frame = pd.DataFrame(rows, columns=None if rows else CANONICAL_COLUMNS)
+    for column in CANONICAL_COLUMNS:
+        if column not in frame.columns:
+            frame[column] = pd.Series(dtype=object)
+    for column in frame.columns.difference(CANONICAL_COLUMNS):
+        frame[column] = _uniform_column(frame[column])
+    frame["source_index"] = frame["source_index"].astype("int64")
+    return mark_duplicate_ids(frame)
+
+
+def canonical_rows(
+    records: Iterable[tuple[int, Any, str | None]], mapping: FieldMapping
+) -> list[dict[str, Any]]:
+    """Map (index, record, parse error) triples to canonical rows; ids may still repeat."""
     rows = []
     for index, record, parse_error in records:
         if parse_error is not None:
@@ -490,14 +505,7 @@ def records_to_frame(
             )
             continue
         rows.append(canonical_row(record, index, mapping))
-    frame = pd.DataFrame(rows, columns=None if rows else CANONICAL_COLUMNS)
-    for column in CANONICAL_COLUMNS:
-        if column not in frame.columns:
-            frame[column] = pd.Series(dtype=object)
-    for column in frame.columns.difference(CANONICAL_COLUMNS):
-        frame[column] = _uniform_column(frame[column])
-    frame["source_index"] = frame["source_index"].astype("int64")
-    return mark_duplicate_ids(frame)
+    return rows
 
 
 def mark_duplicate_ids(frame: pd.DataFrame) -> pd.DataFrame:
@@ -533,6 +541,26 @@ def mark_duplicate_ids(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def resolve_mapping(
+    preset: str, mapping: FieldMapping | Mapping[str, Any] | None = None
+) -> FieldMapping:
+    """Return the preset's field mapping with any fields that ``mapping`` overrides."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    if mapping is None:
+        return PRESETS[preset]
+    if isinstance(mapping, FieldMapping):
+        return mapping
+    base = PRESETS[preset]
+    overrides = FieldMapping.from_dict(mapping)
+    return FieldMapping(
+        **{
+            name: getattr(overrides, name) if name in mapping else getattr(base, name)
+            for name in ("question", "answer", "row_id", "instruction", "context", "extra")
+        }
+    )
+
+
 def read_dataset(
     path: str | Path,
     *,
@@ -564,21 +592,7 @@ def read_dataset(
             f"dataset file is empty: {path}; point the path at a file with at least one record"
         )
     file_format = (file_format or detect_format(path)).lower()
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    if mapping is None:
-        field_mapping = PRESETS[preset]
-    elif isinstance(mapping, FieldMapping):
-        field_mapping = mapping
-    else:
-        base = PRESETS[preset]
-        overrides = FieldMapping.from_dict(mapping)
-        field_mapping = FieldMapping(
-            **{
-                name: getattr(overrides, name) if name in mapping else getattr(base, name)
-                for name in ("question", "answer", "row_id", "instruction", "context", "extra")
-            }
-        )
+    field_mapping = resolve_mapping(preset, mapping)
 
     records = _read_records(path, file_format)
     if limit is not None:

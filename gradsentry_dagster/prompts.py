@@ -88,22 +88,59 @@ def encode_sample(
     truncated: a sample whose answer and end-of-sequence token leave no room for at least one
     prompt token raises :class:`SampleTooLongError`.
     """
+    (encoded,) = encode_samples(
+        tokenizer,
+        instructions=[instruction],
+        contexts=[context],
+        questions=[question],
+        answers=[answer],
+        max_tokens=max_tokens,
+        prompt_format=prompt_format,
+    )
+    if isinstance(encoded, SampleTooLongError):
+        raise encoded
+    return encoded
+
+
+def encode_samples(
+    tokenizer,
+    *,
+    instructions: list[str],
+    contexts: list[str],
+    questions: list[str],
+    answers: list[str],
+    max_tokens: int,
+    prompt_format: PromptFormat = "qa",
+) -> list[EncodedSample | SampleTooLongError]:
+    """Tokenize many samples with one tokenizer call per part, as :func:`encode_sample` does.
+
+    Returns one entry per sample: its :class:`EncodedSample`, or the
+    :class:`SampleTooLongError` that :func:`encode_sample` would raise for it.
+    """
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no end-of-sequence token; set tokenizer.eos_token")
+    parts = list(zip(instructions, contexts, questions))
     if prompt_format == "chat":
-        prompt = render_chat_prompt(tokenizer, instruction, context, question)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prompts = [render_chat_prompt(tokenizer, *part) for part in parts]
+        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
     elif prompt_format == "qa":
-        prompt = render_prompt(instruction, context, question)
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        prompts = [render_prompt(*part) for part in parts]
+        prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"] if prompts else []
     else:
         raise ValueError(f"unknown prompt format {prompt_format!r}; expected 'qa' or 'chat'")
+    answer_ids = tokenizer(list(answers), add_special_tokens=False)["input_ids"] if answers else []
+    return [
+        _fit_tokens(list(prompt), list(answer) + [tokenizer.eos_token_id], max_tokens)
+        for prompt, answer in zip(prompt_ids, answer_ids)
+    ]
 
-    target_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    target_ids = list(target_ids) + [tokenizer.eos_token_id]
 
+def _fit_tokens(
+    prompt_ids: list[int], target_ids: list[int], max_tokens: int
+) -> EncodedSample | SampleTooLongError:
+    """Join prompt and target tokens, dropping prompt tokens from the left to fit the budget."""
     if len(target_ids) + 1 > max_tokens:
-        raise SampleTooLongError(
+        return SampleTooLongError(
             f"answer has {len(target_ids)} tokens with end-of-sequence, which does not fit "
             f"in max_tokens={max_tokens} with at least one prompt token"
         )
@@ -113,7 +150,7 @@ def encode_sample(
         prompt_ids = prompt_ids[len(prompt_ids) - room :]
         truncated = True
     return EncodedSample(
-        input_ids=list(prompt_ids) + target_ids,
+        input_ids=prompt_ids + target_ids,
         target_start=len(prompt_ids),
         prompt_truncated=truncated,
     )

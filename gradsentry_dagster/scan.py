@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from gradsentry_dagster.cache import ScoreCache
 from gradsentry_dagster.scoring import STATUS_SCORED, ScoringSettings, score_frame
 from gradsentry_dagster.thresholds import ThresholdConfig, ThresholdDecision, decide_threshold
 
@@ -63,9 +64,14 @@ def scan_frame(
     settings: ScoringSettings,
     threshold_config: ThresholdConfig,
     progress: Callable[[int], None] | None = None,
+    cache: ScoreCache | None = None,
 ) -> ScanResult:
-    """Score every row of a canonical table, decide the threshold and flag rows above it."""
-    raw = score_frame(model, tokenizer, frame, settings, progress=progress)
+    """Score every row of a canonical table, decide the threshold and flag rows above it.
+
+    With a ``cache``, rows scored by an earlier scan of the same model and settings are not
+    scored again (see :class:`gradsentry_dagster.cache.ScoreCache`).
+    """
+    raw = score_frame(model, tokenizer, frame, settings, progress=progress, cache=cache)
     return flag_scores(raw, threshold_config)
 
 
