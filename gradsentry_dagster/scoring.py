@@ -61,6 +61,9 @@ class ScoringSettings:
         prompt_format: ``"qa"`` for the QA templates, ``"chat"`` for the tokenizer's chat template.
         max_tokens: Longest token sequence scored; longer prompts lose tokens from the left.
         batch_size: Samples per forward pass on the exact path.
+        target: Weight matrices whose gradient is scored: ``"output_projection"`` (cropped by
+            ``row_crop`` and ``col_crop``), or a linear layer or LoRA matrix as
+            :func:`gradsentry_dagster.targets.parse_target` reads it.
     """
 
     method: Literal["exact", "reference"] = "exact"
@@ -71,8 +74,13 @@ class ScoringSettings:
     prompt_format: Literal["qa", "chat"] = "qa"
     max_tokens: int = 512
     batch_size: int = 8
+    target: str = "output_projection"
 
     def __post_init__(self) -> None:
+        # Imported here because the targets module builds on this one.
+        from gradsentry_dagster.targets import parse_target
+
+        parse_target(self.target)
         if self.method not in ("exact", "reference"):
             raise ValueError(f"method must be 'exact' or 'reference', got {self.method!r}")
         if self.estimator not in ("exact", "randomized"):
@@ -344,7 +352,18 @@ def score_frame(
     done = len(rejected)
     if progress:
         progress(done)
-    if settings.method == "reference":
+    if settings.target != "output_projection":
+        # Other matrices need a backward pass; the targets module computes them.
+        from gradsentry_dagster.targets import score_samples_for_target
+
+        def advance(count: int) -> None:
+            nonlocal done
+            done += count
+            if progress:
+                progress(done)
+
+        results = score_samples_for_target(model, encoded, settings, pad_id, advance, seed=seed)
+    elif settings.method == "reference":
         for position, sample in encoded.items():
             results[position] = score_sample_reference(model, sample, settings, seed=seed)
             done += 1
