@@ -1,9 +1,10 @@
 """The ``gradsentry`` command: scan a dataset and gate on the result, poison a copy, report.
 
-Exit codes of ``gradsentry scan``: 0 when the scan policy holds, 1 when it is violated, 2 on
-invalid input or configuration (a missing or unreadable dataset, an unknown option value, a
-model or target that cannot be loaded), 3 when the scan itself fails. ``poison`` and
-``report`` exit 0 on success and 2 on invalid input.
+``gradsentry scan`` exits 0 when the scan policy holds and 1 when it is violated. It exits 2
+on invalid input or configuration: a missing or unreadable dataset, an invalid option value,
+or a model or target that cannot be loaded. It exits 3 when the scan itself fails, because a
+crash must not read as a policy violation. ``poison`` and ``report`` exit 0 on success and 2
+on invalid input.
 
 The scan runs the same code as the Dagster graph: the model and policy resources turn the
 options into settings, :func:`gradsentry_dagster.scan.scan_frame` scores and flags, and
@@ -99,7 +100,7 @@ def _add_scan_options(parser: argparse.ArgumentParser) -> None:
         "--max-tokens",
         type=_positive_int,
         default=512,
-        help="longest sample in tokens; longer prompts lose tokens from the left",
+        help="maximum sample length in tokens; longer prompts lose tokens from the left",
     )
     model.add_argument(
         "--prompt-format",
@@ -127,14 +128,23 @@ def _add_scan_options(parser: argparse.ArgumentParser) -> None:
         "--max-flagged-fraction",
         type=_fraction,
         default=0.15,
-        help="largest fraction of scored rows that may be flagged before the scan fails (0 to 1)",
+        help="maximum fraction of scored rows that may be flagged before the scan fails (0 to 1)",
     )
     policy.add_argument(
         "--max-rejected-fraction",
         type=_fraction,
         default=0.05,
-        help="largest fraction of input rows that may be unusable before the scan fails (0 to 1)",
+        help="maximum fraction of input rows that may be unusable before the scan fails (0 to 1)",
     )
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show an option's default in its help, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log model loading and scoring steps to stderr")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = _HelpFormatter
 
     scan = commands.add_parser(
         "scan",

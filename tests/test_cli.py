@@ -93,7 +93,7 @@ def test_help_names_units(capsys):
             parser.parse_args([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "samples per forward pass" in text
-    assert "longest sample in tokens" in text
+    assert "maximum sample length in tokens" in text
     assert "in score units (0 to 1)" in text
     assert "fraction of usable rows to poison (0 to 1)" in text
     assert "PNG file for the histogram" in text
