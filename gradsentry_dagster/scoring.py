@@ -83,6 +83,9 @@ class ScoringSettings:
         share_prefix: On the exact path, run the token prefix that every sample of a batch
             shares, up to the prompt template's length, once and reuse its keys and values.
             Scores do not depend on it.
+        target: Weight matrices whose gradient is scored: ``"output_projection"`` (cropped by
+            ``row_crop`` and ``col_crop``), or a linear layer or LoRA matrix as
+            :func:`gradsentry_dagster.targets.parse_target` reads it.
     """
 
     method: Literal["exact", "reference"] = "exact"
@@ -95,8 +98,13 @@ class ScoringSettings:
     batch_size: int = 8
     padding_side: str = "right"
     share_prefix: bool = True
+    target: str = "output_projection"
 
     def __post_init__(self) -> None:
+        # Imported here because the targets module builds on this one.
+        from gradsentry_dagster.targets import parse_target
+
+        parse_target(self.target)
         if self.method not in ("exact", "reference"):
             raise ValueError(f"method must be 'exact' or 'reference', got {self.method!r}")
         if self.estimator not in ("exact", "randomized"):
@@ -663,6 +671,14 @@ def _score_encoded(
     seed: int,
 ) -> Iterator[tuple[list[int], list[SampleScore]]]:
     """Yield ``(positions, scores)`` batch by batch, in a deterministic order."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if settings.target != "output_projection":
+        # Other matrices need a backward pass; the targets module computes them.
+        from gradsentry_dagster.targets import iter_target_scores
+
+        yield from iter_target_scores(model, encoded, settings, pad_id, seed=seed)
+        return
+
     if settings.method == "reference":
         for position, sample in encoded.items():
             yield [position], [score_sample_reference(model, sample, settings, seed=seed)]
@@ -670,7 +686,6 @@ def _score_encoded(
 
     # Sorting by length keeps padding low. The order depends only on the samples, so a resumed
     # scan forms the same batches as the scan it resumes.
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(encoded, key=lambda position: len(encoded[position].input_ids))
     weight = output_projection(model).weight.detach().float()
     prefix_states = None

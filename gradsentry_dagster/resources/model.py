@@ -63,6 +63,17 @@ class GradSentryModelResource(ConfigurableResource):
             "as the paper's code does (slower, same scores)."
         ),
     )
+    target: str = Field(
+        default="output_projection",
+        description=(
+            "Weight matrices whose per-sample gradient is scored: 'output_projection' (the "
+            "GradSentry default, cropped to its top-left V/8 x d/8 block), 'linear:PATTERN' for "
+            "linear layers whose module name matches a name or glob such as "
+            "'model.layers.10.mlp.down_proj', or 'lora_a:PATTERN' / 'lora_b:PATTERN' for the A or "
+            "B matrix of the attached LoRA adapter on matching layers. Append '@ROWS,COLS' to "
+            "keep only those leading fractions of each matrix's rows and columns."
+        ),
+    )
     trust_remote_code: bool = Field(
         default=False, description="Allow model code from the hub to run. Off by default."
     )
@@ -95,6 +106,7 @@ class GradSentryModelResource(ConfigurableResource):
             prompt_format=self.prompt_format,
             max_tokens=self.max_tokens,
             batch_size=self.batch_size,
+            target=self.target,
         )
 
     def load(self) -> LoadedModel:
