@@ -184,15 +184,36 @@ def _target_positions(samples: Sequence[EncodedSample]) -> tuple[torch.Tensor, t
     return positions, labels, mask
 
 
+@dataclass
+class GradientFactors:
+    """The two factors of a batch's cropped output-projection gradients, ``G = E^T H``.
+
+    Attributes:
+        output_grads: ``(batch, targets, rows)`` cropped ``(softmax - onehot) / T`` rows of ``E``.
+        inputs: ``(batch, targets, cols)`` cropped final hidden states, the rows of ``H``.
+        hidden: ``(batch, targets, hidden)`` uncropped final hidden states at target positions.
+        mask: ``(batch, targets)`` True at real target tokens; padded rows of the factors are 0.
+        losses: ``(batch,)`` mean cross-entropy over each sample's target tokens.
+        counts: ``(batch,)`` number of target tokens.
+    """
+
+    output_grads: torch.Tensor
+    inputs: torch.Tensor
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    losses: torch.Tensor
+    counts: torch.Tensor
+
+
 @torch.no_grad()
-def score_batch_exact(
+def gradient_factors(
     model: torch.nn.Module,
     samples: Sequence[EncodedSample],
     settings: ScoringSettings,
     pad_id: int,
     projection_weight: torch.Tensor | None = None,
-) -> list[SampleScore]:
-    """Score a batch with one forward pass and the Gram-matrix spectrum."""
+) -> GradientFactors:
+    """Compute the factors of each sample's cropped output-projection gradient in one pass."""
     head = output_projection(model)
     device = head.weight.device
     weight = projection_weight if projection_weight is not None else head.weight.float()
@@ -224,13 +245,30 @@ def score_batch_exact(
         -1, labels.clamp_max(rows - 1).unsqueeze(-1), -in_crop.unsqueeze(-1).float()
     )
     output_grads = output_grads * (mask.unsqueeze(-1) / counts.view(-1, 1, 1))
+    return GradientFactors(output_grads, gathered[..., :cols], gathered, mask, losses, counts)
+
+
+@torch.no_grad()
+def score_batch_exact(
+    model: torch.nn.Module,
+    samples: Sequence[EncodedSample],
+    settings: ScoringSettings,
+    pad_id: int,
+    projection_weight: torch.Tensor | None = None,
+) -> list[SampleScore]:
+    """Score a batch with one forward pass and the Gram-matrix spectrum."""
+    factors = gradient_factors(model, samples, settings, pad_id, projection_weight)
 
     # Spectrum of E^T H for each sample, then the normalised entropy.
-    singular = low_rank_singular_values(output_grads, gathered[..., :cols], settings.top_k)
+    singular = low_rank_singular_values(factors.output_grads, factors.inputs, settings.top_k)
     scores = spectral_entropy(singular, settings.top_k)
 
     return [
-        SampleScore(score=float(scores[i]), num_target_tokens=int(counts[i]), loss=float(losses[i]))
+        SampleScore(
+            score=float(scores[i]),
+            num_target_tokens=int(factors.counts[i]),
+            loss=float(factors.losses[i]),
+        )
         for i in range(len(samples))
     ]
 
