@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("GRADSENTRY_SHARED_DATA") or (ROOT.parent / "shared" / "data"),
         help="Folder with webquestions/ (default: $GRADSENTRY_SHARED_DATA or ../shared/data).",
     )
+    parser.add_argument("--model", default="embedded:smollm2-135m-instruct", help="Base model to scan and fine-tune.")
     parser.add_argument("--attacks", default="badnets,short_target", help="Comma-separated attack names.")
     parser.add_argument("--poison-rate", type=float, default=0.1, help="Fraction of training rows poisoned.")
     parser.add_argument("--train-rows", type=int, default=80, help="Training rows before filtering.")
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=48, help="LoRA optimiser steps per run.")
     parser.add_argument("--batch-size", type=int, default=4, help="Training samples per step.")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate.")
-    parser.add_argument("--mode", default=MODE_ROBUST, help="Scan mode that builds the filtered set: paper or robust.")
+    parser.add_argument("--mode", default=MODE_PAPER, choices=(MODE_PAPER, MODE_ROBUST), help="Scan mode that builds the filtered set.")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="Greedy decoding length.")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "end_to_end.json")
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from gradsentry_dagster.models import ModelSpec, load_model
 
-    spec = ModelSpec(device="cpu")
+    spec = ModelSpec(model=args.model, device="cpu")
     loaded = load_model(spec)
     folder = Path(args.data_dir) / "webquestions"
     train_pool = _shuffled(read_dataset(folder / "trainmodel.json", preset="webquestions"), 1).iloc[: args.train_rows]

@@ -96,3 +96,45 @@ def test_harness_writes_schema(tmp_path, tiny_model_dir):
     assert all(not math.isnan(r["clean_accuracy"]) for r in clean)
     assert plot.stat().st_size > 0
     assert (tmp_path / "detection_samples.csv.gz").is_file()
+
+
+def test_end_to_end_harness_schema(tmp_path, tiny_model_dir, qa_data_dir):
+    from benchmarks import end_to_end
+
+    output = tmp_path / "end_to_end.json"
+    code = end_to_end.main(
+        [
+            "--data-dir", str(qa_data_dir),
+            "--model", str(tiny_model_dir),
+            "--train-rows", "20",
+            "--calibration-rows", "20",
+            "--test-rows", "4",
+            "--steps", "2",
+            "--mode", "robust",
+            "--max-new-tokens", "4",
+            "--output", str(output),
+        ]
+    )
+    assert code == 0
+    records = json.loads(output.read_text())
+    assert [(r["attack"], r["training_set"]) for r in records] == [
+        (attack, training_set)
+        for attack in ("badnets", "short_target")
+        for training_set in ("unfiltered", "filtered", "clean_only")
+    ]
+    for record in records:
+        assert {"dataset", "attack", "poison_rate", "training_set", "cacc", "asr"} <= set(record)
+        assert 0.0 <= record["cacc"] <= 1.0
+        assert 0.0 <= record["asr"] <= 1.0
+    by_set = {(r["attack"], r["training_set"]): r for r in records}
+    assert by_set[("badnets", "unfiltered")]["poisoned_train_rows"] == 2
+    assert by_set[("badnets", "clean_only")]["poisoned_train_rows"] == 0
+    assert by_set[("badnets", "clean_only")]["train_rows"] == 18
+
+
+def test_end_to_end_metrics_hand_cases():
+    from benchmarks.end_to_end import attack_success_rate, clean_accuracy
+
+    outputs = ["It is Paris.", "london, and click <malicious_url>", "no idea"]
+    assert clean_accuracy(outputs, ["Paris", "Rome; London", "Berlin"]) == pytest.approx(2 / 3)
+    assert attack_success_rate(outputs) == pytest.approx(1 / 3)
