@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from gradsentry_dagster.cache import ScoreCache
+from gradsentry_dagster.robust import RULE_ROBUST, RobustCalibration, apply_robust
 from gradsentry_dagster.scoring import STATUS_SCORED, ScoringSettings, score_frame
 from gradsentry_dagster.thresholds import ThresholdConfig, ThresholdDecision, decide_threshold
 
@@ -26,6 +27,9 @@ SCAN_COLUMNS = [
     "threshold_rule",
     "reason",
 ]
+MODE_PAPER = "paper"
+MODE_ROBUST = "robust"
+SCAN_MODES = (MODE_PAPER, MODE_ROBUST)
 
 
 @dataclass
@@ -57,6 +61,37 @@ def apply_threshold(raw_scores: pd.DataFrame, decision: ThresholdDecision) -> pd
     return table[SCAN_COLUMNS]
 
 
+def apply_robust_flags(
+    raw_scores: pd.DataFrame, calibration: RobustCalibration, top_k: int
+) -> tuple[pd.DataFrame, ThresholdDecision]:
+    """Flag scored rows by robust mode's per-sample rule; ``threshold`` holds the entropy one.
+
+    The ``score`` column stays the GradSentry entropy, so the table reads the same in both
+    modes; the reason of a flagged row names the features that exceeded their thresholds.
+    """
+    table = raw_scores.copy()
+    scored = (table["status"] == STATUS_SCORED).to_numpy()
+    result = apply_robust(table, calibration, top_k)
+    table["flagged"] = scored & result.flagged
+    entropy_threshold = calibration.thresholds.get("entropy", float("nan"))
+    table["threshold"] = float(entropy_threshold)
+    table["threshold_rule"] = RULE_ROBUST
+    reasons = [
+        (f"robust: {why}" + (f"; {old}" if old else "")) if flag else old
+        for flag, why, old in zip(table["flagged"], result.reasons, table["reason"])
+    ]
+    table["reason"] = reasons
+    decision = ThresholdDecision(
+        threshold=float(entropy_threshold),
+        rule=RULE_ROBUST,
+        detail=(
+            f"per-sample rule {calibration.describe()}, calibrated on {calibration.calibration_rows} "
+            f"trusted clean rows at a false-positive rate of {calibration.false_positive_rate:g}"
+        ),
+    )
+    return table[SCAN_COLUMNS], decision
+
+
 def scan_frame(
     model,
     tokenizer,
@@ -65,31 +100,66 @@ def scan_frame(
     threshold_config: ThresholdConfig,
     progress: Callable[[int], None] | None = None,
     cache: ScoreCache | None = None,
+    mode: str = MODE_PAPER,
+    robust_calibration: RobustCalibration | None = None,
 ) -> ScanResult:
-    """Score every row of a canonical table, decide the threshold and flag rows above it.
+    """Score every row of a canonical table, then flag rows by the chosen mode.
 
-    With a ``cache``, rows scored by an earlier scan of the same model and settings are not
-    scored again (see :class:`gradsentry_dagster.cache.ScoreCache`).
+    Args:
+        model: A causal language model.
+        tokenizer: Its tokenizer.
+        frame: The canonical table.
+        settings: Scoring settings.
+        threshold_config: Threshold rule of the ``"paper"`` mode.
+        progress: Called with the number of rows finished so far.
+        cache: Rows scored by an earlier scan of the same model and settings are not scored
+            again (see :class:`gradsentry_dagster.cache.ScoreCache`).
+        mode: ``"paper"`` flags entropies above the automatic or fixed threshold, as GradSentry
+            does; ``"robust"`` flags rows whose entropy or loss exceeds thresholds calibrated on
+            a trusted clean set (see :mod:`gradsentry_dagster.robust`).
+        robust_calibration: The calibration of ``"robust"`` mode; required there.
     """
+    check_mode(mode, robust_calibration)
     raw = score_frame(model, tokenizer, frame, settings, progress=progress, cache=cache)
-    return flag_scores(raw, threshold_config)
+    return flag_scores(raw, threshold_config, mode, robust_calibration, settings.top_k)
 
 
-def flag_scores(raw: pd.DataFrame, threshold_config: ThresholdConfig) -> ScanResult:
-    """Decide the threshold on all scored rows of ``raw`` and flag the rows above it.
+def check_mode(mode: str, robust_calibration: RobustCalibration | None) -> None:
+    """Raise ValueError for an unknown mode, or for robust mode without a calibration."""
+    if mode not in SCAN_MODES:
+        raise ValueError(f"scan mode must be one of {SCAN_MODES}, got {mode!r}")
+    if mode == MODE_ROBUST and robust_calibration is None:
+        raise ValueError(
+            "robust mode needs a calibration: score a trusted clean set and pass "
+            "calibrate_robust(its scores) as robust_calibration"
+        )
 
-    Sharded scans call this once on the concatenated shard scores, so the threshold always
-    sees the whole dataset.
+
+def flag_scores(
+    raw: pd.DataFrame,
+    threshold_config: ThresholdConfig,
+    mode: str = MODE_PAPER,
+    robust_calibration: RobustCalibration | None = None,
+    top_k: int = 16,
+) -> ScanResult:
+    """Flag the scored rows of ``raw`` by the chosen mode.
+
+    The paper mode decides the threshold on all scored rows. Sharded scans call this once on
+    the concatenated shard scores, so the threshold always sees the whole dataset.
     """
+    check_mode(mode, robust_calibration)
     scored = raw["status"] == STATUS_SCORED
-    decision = decide_threshold(raw.loc[scored, "score"].to_numpy(), threshold_config)
-    table = apply_threshold(raw, decision)
+    if mode == MODE_ROBUST:
+        table, decision = apply_robust_flags(raw, robust_calibration, top_k)
+    else:
+        decision = decide_threshold(raw.loc[scored, "score"].to_numpy(), threshold_config)
+        table = apply_threshold(raw, decision)
     logger.info(
-        "scan flagged %d of %d scored rows at threshold %.4f (%s)",
+        "scan (%s mode) flagged %d of %d scored rows: %s",
+        mode,
         int(table["flagged"].sum()),
         int(scored.sum()),
-        decision.threshold,
-        decision.rule,
+        decision.detail,
     )
     return ScanResult(table, decision)
 

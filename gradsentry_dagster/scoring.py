@@ -372,16 +372,37 @@ def pad_batch(
     return PaddedBatch(input_ids, attention_mask, position_ids, hidden_positions, labels, target_mask)
 
 
+@dataclass
+class GradientFactors:
+    """The two factors of a batch's cropped output-projection gradients, ``G = E^T H``.
+
+    Attributes:
+        output_grads: ``(batch, targets, rows)`` cropped ``(softmax - onehot) / T`` rows of ``E``.
+        inputs: ``(batch, targets, cols)`` cropped final hidden states, the rows of ``H``.
+        hidden: ``(batch, targets, hidden)`` uncropped final hidden states at target positions.
+        mask: ``(batch, targets)`` True at real target tokens; padded rows of the factors are 0.
+        losses: ``(batch,)`` mean cross-entropy over each sample's target tokens.
+        counts: ``(batch,)`` number of target tokens.
+    """
+
+    output_grads: torch.Tensor
+    inputs: torch.Tensor
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    losses: torch.Tensor
+    counts: torch.Tensor
+
+
 @torch.no_grad()
-def score_batch_exact(
+def gradient_factors(
     model: torch.nn.Module,
     samples: Sequence[EncodedSample],
     settings: ScoringSettings,
     pad_id: int,
     projection_weight: torch.Tensor | None = None,
     prefix_states: PrefixStates | None = None,
-) -> list[SampleScore]:
-    """Score a batch with one forward pass and the Gram-matrix spectrum.
+) -> GradientFactors:
+    """Compute the factors of each sample's cropped output-projection gradient in one pass.
 
     Args:
         model: The causal language model, in eval mode.
@@ -443,10 +464,27 @@ def score_batch_exact(
         -1, labels.clamp_max(rows - 1).unsqueeze(-1), -in_crop.unsqueeze(-1).float()
     )
     output_grads = output_grads * (mask.unsqueeze(-1) / counts.view(-1, 1, 1))
+    return GradientFactors(output_grads, gathered[..., :cols], gathered, mask, losses, counts)
+
+
+@torch.no_grad()
+def score_batch_exact(
+    model: torch.nn.Module,
+    samples: Sequence[EncodedSample],
+    settings: ScoringSettings,
+    pad_id: int,
+    projection_weight: torch.Tensor | None = None,
+    prefix_states: PrefixStates | None = None,
+) -> list[SampleScore]:
+    """Score a batch with one forward pass and the Gram-matrix spectrum.
+
+    Arguments are those of :func:`gradient_factors`.
+    """
+    factors = gradient_factors(model, samples, settings, pad_id, projection_weight, prefix_states)
+    output_grads, inputs = factors.output_grads, factors.inputs
 
     # A sample with non-finite values gets a NaN score, so the gate fails on it. Its factors
     # are zeroed first because one NaN makes the batched eigendecomposition raise.
-    inputs = gathered[..., :cols]
     broken = ~(output_grads.isfinite().all(dim=(1, 2)) & inputs.isfinite().all(dim=(1, 2)))
     if broken.any():
         output_grads = output_grads.masked_fill(broken.view(-1, 1, 1), 0.0)
@@ -456,8 +494,8 @@ def score_batch_exact(
     singular = low_rank_singular_values(output_grads, inputs, settings.top_k)
     scores = spectral_entropy(singular, settings.top_k)
     scores = scores.masked_fill(broken.to(scores.device), math.nan).tolist()
-    counts_list = counts.tolist()
-    losses_list = losses.tolist()
+    counts_list = factors.counts.tolist()
+    losses_list = factors.losses.tolist()
     return [
         SampleScore(score=score, num_target_tokens=int(count), loss=loss)
         for score, count, loss in zip(scores, counts_list, losses_list)

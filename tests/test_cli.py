@@ -124,7 +124,9 @@ def test_poison_rejects_unknown_attack(tmp_path, capsys):
     source = write_dataset(tmp_path / "clean.jsonl", rows=4, poisoned=0)
     code = main(["poison", str(source), "-o", str(tmp_path / "out.jsonl"), "--attack", "stylebkd"])
     assert code == 2
-    assert "unknown attack 'stylebkd'; choose one of badnets" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "unknown attack 'stylebkd'; choose one of" in error
+    assert "badnets" in error
 
 
 def test_report_summarizes_scores(tmp_path, tiny_model_dir, capsys):

@@ -110,6 +110,8 @@ def gradient_entropy_scores(
         settings,
         policy.threshold_config(),
         progress=reporter.update,
+        mode=policy.mode,
+        robust_calibration=policy.robust_calibration(model.model),
     )
     context.log.info(
         f"threshold {result.decision.threshold:.4f} set by rule '{result.decision.rule}': "

@@ -195,7 +195,13 @@ def build_versioned_scan(
         policy: ScanPolicy,
     ) -> Output[pd.DataFrame]:
         raw_scores = gather_shards(shard_scores, len(raw_dataset))
-        result = flag_scores(raw_scores, policy.threshold_config())
+        result = flag_scores(
+            raw_scores,
+            policy.threshold_config(),
+            policy.mode,
+            policy.robust_calibration(model.model),
+            model.scoring_settings().top_k,
+        )
         context.log.info(
             f"threshold {result.decision.threshold:.4f} set by rule '{result.decision.rule}' "
             f"on all {len(raw_scores)} rows of {len(shard_scores)} shard(s): {result.decision.detail}"

@@ -5,12 +5,29 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from gradsentry_dagster.gate import GatePolicy
+from gradsentry_dagster.robust import RobustCalibration, builtin_calibration
+from gradsentry_dagster.scan import MODE_PAPER, MODE_ROBUST, SCAN_MODES
 from gradsentry_dagster.thresholds import ThresholdConfig
 
 
 class ScanPolicy(ConfigurableResource):
-    """Threshold rule and gate limits, set per run in the launchpad under ``resources.policy``."""
+    """Scan mode, threshold rule and gate limits, set in the launchpad under ``resources.policy``."""
 
+    mode: str = Field(
+        default=MODE_PAPER,
+        description=(
+            "'paper': flag GradSentry entropies above the threshold rule's threshold; 'robust': "
+            "flag rows whose entropy or answer loss exceeds per-sample thresholds calibrated on "
+            "a trusted clean set, which also catches short replaced answers."
+        ),
+    )
+    robust_calibration_path: str = Field(
+        default="",
+        description=(
+            "JSON file written by RobustCalibration.to_json for the scanning model; empty uses "
+            "the built-in calibration, which exists for embedded:smollm2-135m-instruct only."
+        ),
+    )
     threshold_rule: str = Field(
         default="auto",
         description=(
@@ -40,6 +57,16 @@ class ScanPolicy(ConfigurableResource):
         le=1,
         description="Largest fraction of input rows that may be rejected as unusable.",
     )
+
+    def robust_calibration(self, model: str) -> RobustCalibration | None:
+        """Return the calibration of robust mode for ``model``; None in paper mode."""
+        if self.mode not in SCAN_MODES:
+            raise ValueError(f"policy mode must be one of {SCAN_MODES}, got {self.mode!r}")
+        if self.mode != MODE_ROBUST:
+            return None
+        if self.robust_calibration_path:
+            return RobustCalibration.from_json(self.robust_calibration_path)
+        return builtin_calibration(model)
 
     def threshold_config(self) -> ThresholdConfig:
         return ThresholdConfig(

@@ -1,0 +1,232 @@
+"""Robust mode: per-sample rules that catch appended payloads and short replaced targets.
+
+The paper-faithful GradSentry score (spectral entropy of the output-projection gradient) rises
+with the number of target tokens ``T``, because that gradient has rank at most ``T``. It
+flags appended payloads, which make ``T`` large, but a poisoned sample whose answer is replaced
+by a short attacker string scores low. Its per-sample loss is high instead, because the model
+before fine-tuning does not expect that string.
+
+Robust mode keeps the scan per-sample (no clustering, no comparison between the scanned
+samples): each sample is flagged when any of a few per-sample features exceeds a threshold. The
+thresholds come from a small trusted clean set, scored once with the same model, at a chosen
+false-positive rate split evenly over the features (a Bonferroni split, so that the rate of
+the rule as a whole is at most the chosen one on that set).
+
+Features, each a column of the scores table or computed from one:
+
+- ``entropy``: the GradSentry score.
+- ``loss``: the mean cross-entropy over the sample's target tokens.
+- ``target_tokens``: the number of target tokens.
+- ``length_ratio``: the entropy divided by the largest entropy ``T`` tokens allow,
+  ``log(min(T, k)) / log(k)`` with ``k`` singular values.
+
+NOTE: on SmolLM2-135M with WebQuestions and NQ-open, neither the loss nor any variant here
+separates a short replaced answer from clean answers at a low false-positive rate; the
+measurements are in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gradsentry_dagster.spectral import DEFAULT_TOP_K
+
+FEATURES = ("entropy", "loss", "target_tokens", "length_ratio")
+
+# Feature sets of the variants the detection benchmark measures (robust_<name>).
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "loss": ("loss",),
+    "length_ratio": ("length_ratio",),
+    "entropy_loss": ("entropy", "loss"),
+    "ratio_loss": ("length_ratio", "loss"),
+    "entropy_loss_length": ("entropy", "loss", "target_tokens"),
+}
+DEFAULT_VARIANT = "entropy_loss"
+DEFAULT_FALSE_POSITIVE_RATE = 0.01
+RULE_ROBUST = "robust"
+
+
+def feature_table(scores: pd.DataFrame, top_k: int = DEFAULT_TOP_K) -> pd.DataFrame:
+    """Return the per-sample features of a scores table, one row per input row.
+
+    Args:
+        scores: A table with ``score``, ``loss`` and ``num_target_tokens`` columns.
+        top_k: Number of singular values behind the entropy.
+    """
+    entropy = scores["score"].to_numpy(dtype=float)
+    tokens = scores["num_target_tokens"].to_numpy(dtype=float)
+    allowed = np.log(np.clip(np.minimum(tokens, top_k), 1, None)) / math.log(top_k)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(allowed > 0, entropy / allowed, 0.0)
+    return pd.DataFrame(
+        {
+            "entropy": entropy,
+            "loss": scores["loss"].to_numpy(dtype=float),
+            "target_tokens": tokens,
+            "length_ratio": ratio,
+        },
+        index=scores.index,
+    )
+
+
+@dataclass(frozen=True)
+class RobustCalibration:
+    """Per-feature thresholds of robust mode and where they came from.
+
+    Attributes:
+        features: Names of the features the rule uses (from ``FEATURES``).
+        thresholds: Feature name to threshold; a sample above any threshold is flagged.
+        centers: Feature name to the median on the calibration set; scales the combined score.
+        false_positive_rate: The rate of the whole rule on the calibration set.
+        calibration_rows: How many clean rows the thresholds came from.
+        source: Free text naming the model and data of the calibration.
+    """
+
+    features: tuple[str, ...]
+    thresholds: dict[str, float]
+    centers: dict[str, float]
+    false_positive_rate: float
+    calibration_rows: int
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.features if name not in FEATURES]
+        if unknown or not self.features:
+            raise ValueError(f"robust features must be a non-empty subset of {FEATURES}, got {self.features}")
+        missing = [name for name in self.features if name not in self.thresholds or name not in self.centers]
+        if missing:
+            raise ValueError(f"robust calibration has no threshold or center for {missing}")
+
+    def describe(self) -> str:
+        """Return the rule as one line, e.g. ``entropy > 0.81 or loss > 6.2``."""
+        return " or ".join(f"{name} > {self.thresholds[name]:.4g}" for name in self.features)
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        payload = asdict(self)
+        payload["features"] = list(self.features)
+        path.write_text(json.dumps(payload, indent=2))
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> RobustCalibration:
+        try:
+            payload = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(
+                f"cannot read the robust calibration file {path}: {error}; write one with "
+                "RobustCalibration.to_json after calibrate_robust"
+            ) from error
+        payload["features"] = tuple(payload["features"])
+        return cls(**payload)
+
+
+def calibrate_robust(
+    clean_scores: pd.DataFrame,
+    features: tuple[str, ...] = VARIANTS[DEFAULT_VARIANT],
+    false_positive_rate: float = DEFAULT_FALSE_POSITIVE_RATE,
+    top_k: int = DEFAULT_TOP_K,
+    source: str = "",
+) -> RobustCalibration:
+    """Set each feature's threshold at its ``1 - rate / len(features)`` clean quantile.
+
+    Args:
+        clean_scores: The scores table of a trusted clean set (rows with a finite score only
+            are used), scored with the same model and settings as the data to scan.
+        features: Features of the rule.
+        false_positive_rate: Target rate of the whole rule on the clean set, split evenly.
+        top_k: Number of singular values behind the entropy.
+        source: Free text naming the model and data, kept with the calibration.
+
+    Raises:
+        ValueError: The rate is outside (0, 1) or fewer than 20 clean rows have finite features.
+    """
+    if not 0 < false_positive_rate < 1:
+        raise ValueError(f"false_positive_rate must be in (0, 1), got {false_positive_rate}")
+    unknown = [name for name in features if name not in FEATURES]
+    if unknown or not features:
+        raise ValueError(f"robust features must be a non-empty subset of {FEATURES}, got {features}")
+    table = feature_table(clean_scores, top_k)
+    table = table[np.isfinite(table[list(features)].to_numpy()).all(axis=1)]
+    if len(table) < 20:
+        raise ValueError(
+            f"robust calibration needs at least 20 clean rows with finite scores, got {len(table)}; "
+            "score a larger trusted clean set"
+        )
+    level = 1 - false_positive_rate / len(features)
+    thresholds, centers = {}, {}
+    for name in features:
+        values = table[name].to_numpy()
+        # "higher" picks an observed value, so a small set never interpolates past its maximum.
+        thresholds[name] = float(np.quantile(values, level, method="higher"))
+        centers[name] = float(np.median(values))
+    return RobustCalibration(
+        features=tuple(features),
+        thresholds=thresholds,
+        centers=centers,
+        false_positive_rate=false_positive_rate,
+        calibration_rows=len(table),
+        source=source,
+    )
+
+
+@dataclass
+class RobustFlags:
+    """Robust-mode output for each row of a scores table.
+
+    Attributes:
+        combined: The largest ``(value - center) / (threshold - center)`` over the features;
+            a row is flagged exactly when it is above 1. NaN where a feature is not finite.
+        flagged: Whether the row is flagged.
+        reasons: For flagged rows, which features exceeded their threshold; else empty.
+    """
+
+    combined: np.ndarray
+    flagged: np.ndarray
+    reasons: list[str] = field(default_factory=list)
+
+
+def apply_robust(scores: pd.DataFrame, calibration: RobustCalibration, top_k: int = DEFAULT_TOP_K) -> RobustFlags:
+    """Flag each row whose features exceed any of the calibrated thresholds."""
+    table = feature_table(scores, top_k)
+    combined = np.full(len(table), -np.inf)
+    above_any = np.zeros(len(table), dtype=bool)
+    parts: list[list[str]] = [[] for _ in range(len(table))]
+    for name in calibration.features:
+        values = table[name].to_numpy()
+        threshold, center = calibration.thresholds[name], calibration.centers[name]
+        scale = threshold - center if threshold > center else 1.0
+        combined = np.maximum(combined, (values - center) / scale)
+        above = values > threshold
+        above_any |= above
+        for row in np.flatnonzero(above):
+            parts[row].append(f"{name} {values[row]:.4g} > {threshold:.4g}")
+    finite = np.isfinite(table[list(calibration.features)].to_numpy()).all(axis=1)
+    combined = np.where(finite, combined, np.nan)
+    reasons = ["; ".join(p) for p in parts]
+    return RobustFlags(combined=combined, flagged=above_any & finite, reasons=reasons)
+
+
+# Calibrations shipped with the package, by model name.
+BUILTIN_CALIBRATIONS = {"embedded:smollm2-135m-instruct": "smollm2-135m-instruct.json"}
+
+
+def builtin_calibration(model: str) -> RobustCalibration:
+    """Return the shipped calibration of ``model``.
+
+    Raises:
+        ValueError: No calibration ships for that model.
+    """
+    if model not in BUILTIN_CALIBRATIONS:
+        raise ValueError(
+            f"no built-in robust calibration for model {model!r} (built-in: "
+            f"{sorted(BUILTIN_CALIBRATIONS)}); score a trusted clean set with that model, save "
+            "calibrate_robust(scores).to_json(path) and set robust_calibration_path to it"
+        )
+    return RobustCalibration.from_json(Path(__file__).with_name("calibrations") / BUILTIN_CALIBRATIONS[model])
