@@ -188,7 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     poison.add_argument(
         "-o", "--output", required=True, help="file to write; its suffix (.jsonl, .json, .parquet, .csv) sets the format"
     )
-    poison.add_argument("--attack", default="badnets", help="attack to run (see gradsentry_dagster.attacks.ATTACKS)")
+    poison.add_argument(
+        "--attack",
+        default="badnets",
+        help="attack to run: addsent, badnets, cba, short_target or style (default badnets)",
+    )
     poison.add_argument("--rate", type=_fraction, default=0.1, help="fraction of usable rows to poison (0 to 1)")
     poison.add_argument("--seed", type=int, default=0, help="seed of the row choice and trigger draws")
     _add_dataset_options(poison)
@@ -327,8 +331,8 @@ def run_scan(args: argparse.Namespace) -> int:
     if gate.passed:
         print(f"policy holds: flagged fraction at most {gate_policy.max_flagged_fraction:.1%}")
         return EXIT_OK
-    failed = [e["expectation"] + (f" on {e['column']}" if e["column"] else "") for e in gate.expectations if not e["success"]]
-    print(f"policy violated: {', '.join(failed) or gate.error}")
+    failed = gate.failure_messages()
+    print(f"policy violated: {'; '.join(failed)}")
     print(
         f"  (max flagged fraction {gate_policy.max_flagged_fraction:.1%}, "
         f"max rejected fraction {gate_policy.max_rejected_fraction:.1%})"

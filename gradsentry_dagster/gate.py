@@ -68,6 +68,45 @@ class GateResult:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def failure_messages(self) -> list[str]:
+        """Return one plain sentence per failed expectation, or the validation error."""
+        if self.error:
+            return [f"validation failed: {self.error}"]
+        messages = []
+        for item in self.expectations:
+            if item["success"]:
+                continue
+            template = FAILURE_MESSAGES.get((item["expectation"], item["column"]))
+            if template is None:
+                messages.append(f"{item['expectation']} failed on {item['column'] or 'the table'}")
+                continue
+            try:
+                text = template.format(observed=item["observed_value"], unexpected=item["unexpected_count"])
+            except (TypeError, ValueError):
+                text = f"{item['expectation']} failed on {item['column'] or 'the table'}"
+            messages.append(text)
+        return messages
+
+
+# Plain descriptions of the suite's expectations, keyed by (expectation type, column).
+FAILURE_MESSAGES = {
+    ("expect_table_row_count_to_equal", None): "the scores table has {observed} rows, not one per input row",
+    ("expect_column_values_to_be_in_set", "status"): "{unexpected} rows are neither scored nor rejected",
+    ("expect_column_values_to_be_unique", "row_id"): "{unexpected} row ids repeat",
+    ("expect_column_values_to_be_in_set", "matches_input"): "{unexpected} rows do not match the input row ids in order",
+    ("expect_column_sum_to_be_between", "is_scored"): "no row was scored",
+    ("expect_column_values_to_not_be_null", "scored_score"): "{unexpected} scored rows have no finite score",
+    ("expect_column_values_to_be_between", "scored_score"): "{unexpected} scores lie outside [0, 1]",
+    ("expect_column_values_to_not_be_null", "scored_loss"): "{unexpected} scored rows have no finite loss",
+    ("expect_column_values_to_be_between", "scored_loss"): "{unexpected} losses are negative",
+    ("expect_column_values_to_be_in_set", "flag_consistent"): "{unexpected} flags disagree with the threshold",
+    ("expect_column_mean_to_be_between", "flagged_rate"): "flagged fraction {observed:.1%} is above the policy maximum",
+    ("expect_column_mean_to_be_between", "rejected_rate"): (
+        "rejected fraction {observed:.1%} of input rows is above the policy maximum "
+        "(max_rejected_fraction); see the reject reasons in the scores table"
+    ),
+}
+
 
 def validation_frame(
     scores: pd.DataFrame, expected_row_ids: Sequence[str] | None = None

@@ -61,3 +61,15 @@ def test_gate_fails_closed_on_broken_table():
     result = run_gate(pd.DataFrame({"status": ["scored"], "score": [0.5], "flagged": [False]}).drop(columns="score"), GatePolicy(), 1)
     assert not result.passed
     assert result.error
+
+
+def test_failure_messages_in_plain_words():
+    result = run_gate(scores_table(flagged=30), GatePolicy(max_flagged_fraction=0.1), 100)
+    messages = result.failure_messages()
+    assert messages == ["flagged fraction 30.0% is above the policy maximum"]
+
+
+def test_failure_messages_report_error():
+    table = pd.DataFrame({"status": ["scored"], "flagged": [False]})
+    result = run_gate(table, GatePolicy(), 1)
+    assert result.failure_messages()[0].startswith("validation failed:")

@@ -59,9 +59,9 @@ def evaluate_gate(
             f"(max {policy.max_flagged_fraction:.0%})"
         )
     else:
-        failed = [e["expectation"] + (f" on {e['column']}" if e["column"] else "") for e in result.expectations if not e["success"]]
+        failed = result.failure_messages()
         context.log.error(
-            f"gate failed: {', '.join(failed) or result.error}; "
+            f"gate failed: {'; '.join(failed)}; "
             f"{counts['flagged']} of {counts['scored']} scored rows flagged "
             f"(max {policy.max_flagged_fraction:.0%}), {counts['rejected']} rejected"
         )
