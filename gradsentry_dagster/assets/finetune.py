@@ -80,7 +80,7 @@ def finetune_adapter(
             description=(
                 "refusing to fine-tune: the stored scores fail the gradsentry gate "
                 f"({verdict.counts['flagged']} of {verdict.counts['scored']} rows flagged, "
-                f"max {policy.max_flagged_fraction:.0%}; {verdict.error or 'see the check'})"
+                f"max {policy.max_flagged_fraction:.0%}; {'; '.join(verdict.failure_messages())})"
             ),
             metadata={"gate_counts": MetadataValue.json(verdict.counts)},
         )
