@@ -369,7 +369,7 @@ def run_poison(args: argparse.Namespace) -> int:
     frame = _read(args, args.dataset)
     usable = frame["status"] == STATUS_OK
     if not usable.any():
-        raise InvalidInputError(f"{args.dataset} holds no usable rows; first reason: {frame['reject_reason'].iloc[0]}")
+        raise InvalidInputError(f"{args.dataset} contains no usable rows; first reason: {frame['reject_reason'].iloc[0]}")
 
     result = poison(frame[usable].reset_index(drop=True), args.attack, args.rate, seed=args.seed)
     columns = ["row_id", "instruction", "context", "question", "answer", "poisoned"]

@@ -31,7 +31,7 @@ class LoraTrainingConfig:
         alpha: LoRA scaling ``alpha``.
         dropout: Dropout on the LoRA input.
         target_modules: Module names that get LoRA matrices.
-        max_tokens: Longest training sequence; longer prompts lose tokens from the left.
+        max_tokens: Maximum training sequence length in tokens; longer prompts lose tokens from the left.
         prompt_format: ``"qa"`` or ``"chat"``; use the format the scan used.
         seed: Seed for data order and LoRA initialisation.
     """
@@ -51,7 +51,7 @@ class LoraTrainingConfig:
 
 @dataclass
 class TrainingSummary:
-    """What one fine-tuning run did."""
+    """Summary of one fine-tuning run."""
 
     steps: int
     samples: int

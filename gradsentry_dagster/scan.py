@@ -76,10 +76,14 @@ def apply_robust_flags(
     entropy_threshold = calibration.thresholds.get("entropy", float("nan"))
     table["threshold"] = float(entropy_threshold)
     table["threshold_rule"] = RULE_ROBUST
-    reasons = [
-        (f"robust: {why}" + (f"; {old}" if old else "")) if flag else old
-        for flag, why, old in zip(table["flagged"], result.reasons, table["reason"])
-    ]
+    reasons = []
+    for flag, robust_reason, earlier_reason in zip(table["flagged"], result.reasons, table["reason"]):
+        if not flag:
+            reasons.append(earlier_reason)
+        elif earlier_reason:
+            reasons.append(f"robust: {robust_reason}; {earlier_reason}")
+        else:
+            reasons.append(f"robust: {robust_reason}")
     table["reason"] = reasons
     decision = ThresholdDecision(
         threshold=float(entropy_threshold),

@@ -160,7 +160,7 @@ def iter_canonical_frames(
     The chunks together equal ``read_dataset(path, ...)``: the same rows, reasons and ids.
 
     Raises:
-        DatasetReadError: The file is missing, empty, holds no records or cannot be read.
+        DatasetReadError: The file is missing, empty, contains no records or cannot be read.
     """
     path = Path(path)
     if not path.is_file():
@@ -187,7 +187,7 @@ def iter_canonical_frames(
             logger.info("renamed %d rows whose id repeated an earlier row's id", ids.renamed)
         ids.close()
     if total == 0:
-        raise DatasetReadError(f"dataset file holds no records: {path}")
+        raise DatasetReadError(f"dataset file contains no records: {path}")
 
 
 @dataclass

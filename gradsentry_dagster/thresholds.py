@@ -31,7 +31,7 @@ class ThresholdConfig:
         rule: ``"auto"`` for the KDE valley with its fallback, ``"fixed"`` for ``fixed_threshold``.
         fixed_threshold: Threshold of the fixed rule.
         fallback_threshold: Threshold used when the automatic rule cannot trust a valley.
-        min_samples: Fewest finite scores for which the KDE is fitted.
+        min_samples: Minimum number of finite scores for which the KDE is fitted.
         min_peak_gap: Smallest distance between the low and the high density peak.
         min_above_count: Fewest samples that must lie above the valley.
         min_above_fraction: Smallest fraction of samples that must lie above the valley.

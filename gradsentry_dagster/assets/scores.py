@@ -28,6 +28,21 @@ def artifacts_dir(context: AssetExecutionContext) -> Path:
     return Path(default_storage_dir(), "artifacts", context.run.run_id)
 
 
+def start_scoring(context, model: GradSentryModelResource, rows: int):
+    """Load the model, log what will be scored, and return (loaded model, settings, progress).
+
+    Shared by the scores asset and the sharded scoring op, so both log and report alike.
+    """
+    loaded = model.load()
+    settings = model.scoring_settings()
+    context.log.info(
+        f"scoring {rows} rows with {model.model} on {loaded.device} "
+        f"({settings.method} path, batch size {settings.batch_size})"
+    )
+    reporter = ProgressReporter(rows, context.log.info, label="rows")
+    return loaded, settings, reporter
+
+
 def image_markdown(path: Path, alt: str) -> MetadataValue:
     """Return a markdown metadata value that shows a PNG inline in the Dagster UI."""
     encoded = base64.b64encode(path.read_bytes()).decode("ascii")
@@ -96,13 +111,7 @@ def gradient_entropy_scores(
     model: GradSentryModelResource,
     policy: ScanPolicy,
 ) -> Output[pd.DataFrame]:
-    loaded = model.load()
-    settings = model.scoring_settings()
-    context.log.info(
-        f"scoring {len(raw_dataset)} rows with {model.model} on {loaded.device} "
-        f"({settings.method} path, batch size {settings.batch_size})"
-    )
-    reporter = ProgressReporter(len(raw_dataset), context.log.info, label="rows")
+    loaded, settings, reporter = start_scoring(context, model, len(raw_dataset))
     result = scan_frame(
         loaded.model,
         loaded.tokenizer,

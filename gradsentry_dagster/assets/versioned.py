@@ -46,10 +46,9 @@ from dagster import Field as ConfigField
 from gradsentry_dagster.assets.finetune import FineTuneConfig, finetune_adapter
 from gradsentry_dagster.assets.gate_check import evaluate_gate
 from gradsentry_dagster.assets.ingest import dataset_output
-from gradsentry_dagster.assets.scores import artifacts_dir, scores_metadata
+from gradsentry_dagster.assets.scores import artifacts_dir, scores_metadata, start_scoring
 from gradsentry_dagster.assets.split import split_outputs
 from gradsentry_dagster.data import read_dataset
-from gradsentry_dagster.progress import ProgressReporter
 from gradsentry_dagster.resources.model import GradSentryModelResource
 from gradsentry_dagster.resources.policy import ScanPolicy
 from gradsentry_dagster.scan import flag_scores
@@ -172,13 +171,7 @@ def build_versioned_scan(
     def score_shard(
         context: OpExecutionContext, shard: pd.DataFrame, model: GradSentryModelResource
     ) -> pd.DataFrame:
-        loaded = model.load()
-        settings = model.scoring_settings()
-        context.log.info(
-            f"scoring {len(shard)} rows with {model.model} on {loaded.device} "
-            f"({settings.method} path, batch size {settings.batch_size})"
-        )
-        reporter = ProgressReporter(len(shard), context.log.info, label="rows")
+        loaded, settings, reporter = start_scoring(context, model, len(shard))
         scores = score_frame(loaded.model, loaded.tokenizer, shard, settings, progress=reporter.update)
         scores.index = shard.index
         return scores
