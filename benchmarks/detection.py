@@ -42,7 +42,7 @@ from gradsentry_dagster.baselines import (
 )
 from gradsentry_dagster.data import FieldMapping, read_dataset, records_to_frame
 from gradsentry_dagster.metrics import detection_metrics
-from gradsentry_dagster.scoring import ScoringSettings, encode_frame
+from gradsentry_dagster.scoring import ScoringSettings, UnconditionedLosses, encode_frame, encode_without_question
 from gradsentry_dagster.thresholds import ThresholdConfig, decide_threshold
 
 logger = logging.getLogger("benchmarks.detection")
@@ -131,6 +131,7 @@ class FeatureCache:
         self.settings = settings
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.weight = projection_weight_of(model)
+        self.unconditioned = UnconditionedLosses(model, tokenizer, settings)
         self.features: dict[tuple, SampleFeatures] = {}
         self.seconds = 0.0
         self.computed = 0
@@ -157,12 +158,15 @@ class FeatureCache:
             raise ValueError(f"{len(rejected)} benchmark rows cannot be encoded: {sorted(rejected.values())[:3]}")
         order = sorted(encoded, key=lambda position: len(encoded[position].input_ids))
         started = time.perf_counter()
+        blank = dict(zip(order, encode_without_question(self.tokenizer, frame.iloc[order], self.settings)))
         for start in range(0, len(order), self.settings.batch_size):
             chunk = order[start : start + self.settings.batch_size]
             results = batch_features(
                 self.model, [encoded[p] for p in chunk], self.settings, self.pad_id, self.weight
             )
-            for position, features in zip(chunk, results):
+            losses = self.unconditioned([blank[p] for p in chunk])
+            for position, features, loss in zip(chunk, results, losses):
+                features.loss_without_question = loss
                 self.features[_row_key(frame.iloc[position])] = features
         self.seconds += time.perf_counter() - started
         self.computed += len(order)
@@ -176,6 +180,7 @@ def scores_table(features: list[SampleFeatures]) -> pd.DataFrame:
             "score": [f.score for f in features],
             "loss": [f.loss for f in features],
             "num_target_tokens": [f.num_target_tokens for f in features],
+            "loss_without_question": [f.loss_without_question for f in features],
         }
     )
 
@@ -287,6 +292,7 @@ def benchmark(
                         "poisoned": False,
                         "score": row.score,
                         "loss": row.loss,
+                        "loss_without_question": row.loss_without_question,
                         "num_target_tokens": row.num_target_tokens,
                     }
                 )
@@ -334,6 +340,7 @@ def benchmark(
                                 "poisoned": bool(label),
                                 "score": float(table["score"][i]),
                                 "loss": float(table["loss"][i]),
+                                "loss_without_question": float(table["loss_without_question"][i]),
                                 "num_target_tokens": int(table["num_target_tokens"][i]),
                                 "auto_threshold": auto.threshold,
                                 "robust_combined": float(outputs[f"robust_{robust.DEFAULT_VARIANT}"].scores[i]),

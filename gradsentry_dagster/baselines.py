@@ -43,6 +43,8 @@ class SampleFeatures:
         num_target_tokens: Number of target tokens.
         dct: ``(DCT_ROWS * DCT_COLS,)`` low-frequency DCT block of the cropped gradient.
         representation: ``(hidden,)`` mean final hidden state over the target positions.
+        loss_without_question: Mean loss of the target tokens after a prompt without the
+            question; NaN until the caller computes it.
     """
 
     score: float
@@ -50,6 +52,7 @@ class SampleFeatures:
     num_target_tokens: int
     dct: np.ndarray
     representation: np.ndarray
+    loss_without_question: float = math.nan
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ CACHE_SCHEMA = pa.schema(
         ("score", pa.float64()),
         ("num_target_tokens", pa.int64()),
         ("loss", pa.float64()),
+        ("loss_without_question", pa.float64()),
         ("reason", pa.string()),
     ]
 )

@@ -111,6 +111,19 @@ def _add_scan_options(parser: argparse.ArgumentParser) -> None:
 
     policy = parser.add_argument_group("policy")
     policy.add_argument(
+        "--mode",
+        default="paper",
+        choices=["paper", "robust"],
+        help="'paper': flag GradSentry entropies above the threshold rule; 'robust': per-sample "
+        "thresholds calibrated on trusted clean data, which also catch short replaced answers",
+    )
+    policy.add_argument(
+        "--robust-calibration",
+        default="",
+        help="JSON calibration of robust mode for --model (written by RobustCalibration.to_json); "
+        "empty uses the built-in one of the embedded model",
+    )
+    policy.add_argument(
         "--threshold-rule",
         default="auto",
         choices=["auto", "fixed"],
@@ -294,6 +307,8 @@ def run_scan(args: argparse.Namespace) -> int:
             target=args.target,
         )
         policy = ScanPolicy(
+            mode=args.mode,
+            robust_calibration_path=args.robust_calibration,
             threshold_rule=args.threshold_rule,
             fixed_threshold=args.fixed_threshold,
             fallback_threshold=args.fallback_threshold,
@@ -303,6 +318,7 @@ def run_scan(args: argparse.Namespace) -> int:
         settings = model_resource.scoring_settings()
         threshold_config = policy.threshold_config()
         gate_policy = policy.gate_policy()
+        calibration = policy.robust_calibration(args.model)
     except (ValidationError, ValueError) as error:
         raise InvalidInputError(f"invalid configuration: {error}") from error
 
@@ -317,11 +333,20 @@ def run_scan(args: argparse.Namespace) -> int:
 
     print(
         f"scanning {len(frame)} rows of {args.dataset} with {args.model} on {loaded.device} "
-        f"(target {settings.target}, {settings.method} path)",
+        f"(target {settings.target}, {settings.method} path, {policy.mode} mode)",
         file=sys.stderr,
     )
     reporter = ProgressReporter(len(frame), lambda message: print(message, file=sys.stderr), label="rows")
-    result = scan_frame(loaded.model, loaded.tokenizer, frame, settings, threshold_config, progress=reporter.update)
+    result = scan_frame(
+        loaded.model,
+        loaded.tokenizer,
+        frame,
+        settings,
+        threshold_config,
+        progress=reporter.update,
+        mode=policy.mode,
+        robust_calibration=calibration,
+    )
     write_parquet(result.scores, output)
     gate = run_gate(result.scores, gate_policy, len(frame), data_docs_dir=args.data_docs)
 

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
+from gradsentry_dagster.robust import RULE_ROBUST
 from gradsentry_dagster.scoring import STATUS_REJECTED, STATUS_SCORED
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ def validation_frame(
     - ``is_scored``: 1/0 for every row; its sum is the number of scored rows.
     - ``scored_score`` and ``scored_loss``: the score and loss of scored rows, NaN where they
       are not finite, and a neutral placeholder on rejected rows.
-    - ``flag_consistent``: whether ``flagged`` follows from the score and the threshold.
+    - ``flag_consistent``: whether ``flagged`` follows from the score and the threshold; in
+      robust mode, whether a row above the entropy threshold is flagged.
     - ``matches_input``: whether the row id equals the input row id at the same position.
     """
     frame = scores.copy()
@@ -141,7 +143,13 @@ def validation_frame(
     if "threshold" in frame.columns:
         threshold = frame["threshold"].astype(float)
         should_flag = ~finite_score | (score > threshold)
-        frame["flag_consistent"] = ~scored | (flagged == should_flag)
+        consistent = flagged == should_flag
+        if "threshold_rule" in frame.columns:
+            # Robust mode's threshold is the entropy one, and its other features flag more rows:
+            # a row above it must be flagged, and a row below it may be.
+            robust_rows = frame["threshold_rule"] == RULE_ROBUST
+            consistent = np.where(robust_rows, flagged | ~should_flag, consistent)
+        frame["flag_consistent"] = ~scored | consistent
     else:
         frame["flag_consistent"] = True
 

@@ -19,10 +19,18 @@ Features, each a column of the scores table or computed from one:
 - ``target_tokens``: the number of target tokens.
 - ``length_ratio``: the entropy divided by the largest entropy ``T`` tokens allow,
   ``log(min(T, k)) / log(k)`` with ``k`` singular values.
+- ``question_gain``: how much the question lowers the answer's loss, in nats over the whole
+  target: ``(loss_without_question - loss) * T``, the pointwise mutual information of question
+  and answer under the model. A clean answer is about its question, so the question makes it
+  much more likely. An attacker's string is the same whatever the question, so the question
+  barely changes its loss. Low values are suspicious, so this feature's threshold is a lower
+  bound. It needs scores made with ``ScoringSettings(question_gain=True)``. The total beat the
+  per-token mean on short replaced answers in an exploratory run (SmolLM2-135M, 150 to 200
+  rows per data set; docs/benchmarks.md).
 
-NOTE: on SmolLM2-135M with WebQuestions and NQ-open, neither the loss nor any variant here
-separates a short replaced answer from clean answers at a low false-positive rate; the
-measurements are in docs/benchmarks.md.
+NOTE: on SmolLM2-135M with WebQuestions and NQ-open, the loss alone does not separate a short
+replaced answer from clean answers at a low false-positive rate, while ``question_gain`` does;
+the measurements are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -37,7 +45,9 @@ import pandas as pd
 
 from gradsentry_dagster.spectral import DEFAULT_TOP_K
 
-FEATURES = ("entropy", "loss", "target_tokens", "length_ratio")
+FEATURES = ("entropy", "loss", "target_tokens", "length_ratio", "question_gain")
+# Features whose low values are suspicious; the others are suspicious when high.
+LOWER_TAIL_FEATURES = frozenset({"question_gain"})
 
 # Feature sets of the variants the detection benchmark measures (robust_<name>).
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -46,6 +56,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "entropy_loss": ("entropy", "loss"),
     "ratio_loss": ("length_ratio", "loss"),
     "entropy_loss_length": ("entropy", "loss", "target_tokens"),
+    "question_gain": ("question_gain",),
+    "entropy_gain": ("entropy", "question_gain"),
+    "ratio_gain": ("length_ratio", "question_gain"),
+    "entropy_loss_gain": ("entropy", "loss", "question_gain"),
 }
 DEFAULT_VARIANT = "entropy_loss"
 DEFAULT_FALSE_POSITIVE_RATE = 0.01
@@ -56,23 +70,53 @@ def feature_table(scores: pd.DataFrame, top_k: int = DEFAULT_TOP_K) -> pd.DataFr
     """Return the per-sample features of a scores table, one row per input row.
 
     Args:
-        scores: A table with ``score``, ``loss`` and ``num_target_tokens`` columns.
+        scores: A table with ``score``, ``loss`` and ``num_target_tokens`` columns, and
+            ``loss_without_question`` where ``question_gain`` is wanted (NaN without it).
         top_k: Number of singular values behind the entropy.
     """
     entropy = scores["score"].to_numpy(dtype=float)
+    loss = scores["loss"].to_numpy(dtype=float)
     tokens = scores["num_target_tokens"].to_numpy(dtype=float)
     allowed = np.log(np.clip(np.minimum(tokens, top_k), 1, None)) / math.log(top_k)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(allowed > 0, entropy / allowed, 0.0)
+    if "loss_without_question" in scores.columns:
+        # Losses are means over the target tokens; the gain is a total over the answer.
+        gain = (scores["loss_without_question"].to_numpy(dtype=float) - loss) * tokens
+    else:
+        gain = np.full(len(scores), np.nan)
     return pd.DataFrame(
         {
             "entropy": entropy,
-            "loss": scores["loss"].to_numpy(dtype=float),
+            "loss": loss,
             "target_tokens": tokens,
             "length_ratio": ratio,
+            "question_gain": gain,
         },
         index=scores.index,
     )
+
+
+def _suspicion(name: str, values):
+    """Return values oriented so that larger is more suspicious."""
+    return -values if name in LOWER_TAIL_FEATURES else values
+
+
+def needs_question_gain(features) -> bool:
+    """Return whether a rule on ``features`` needs scores made with ``question_gain=True``."""
+    return "question_gain" in features
+
+
+def _check_question_gain(table: pd.DataFrame, features, scored: np.ndarray) -> None:
+    if not needs_question_gain(features):
+        return
+    missing = scored & ~np.isfinite(table["question_gain"].to_numpy())
+    if missing.any():
+        raise ValueError(
+            f"robust feature question_gain is missing for {int(missing.sum())} scored rows: "
+            "score them with ScoringSettings(question_gain=True), which fills the "
+            "loss_without_question column"
+        )
 
 
 @dataclass(frozen=True)
@@ -104,8 +148,16 @@ class RobustCalibration:
             raise ValueError(f"robust calibration has no threshold or center for {missing}")
 
     def describe(self) -> str:
-        """Return the rule as one line, e.g. ``entropy > 0.81 or loss > 6.2``."""
-        return " or ".join(f"{name} > {self.thresholds[name]:.4g}" for name in self.features)
+        """Return the rule as one line, e.g. ``entropy > 0.81 or question_gain < 0.4``."""
+        return " or ".join(
+            f"{name} {'<' if name in LOWER_TAIL_FEATURES else '>'} {self.thresholds[name]:.4g}"
+            for name in self.features
+        )
+
+    @property
+    def needs_question_gain(self) -> bool:
+        """Whether the scores must carry ``loss_without_question``."""
+        return needs_question_gain(self.features)
 
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -134,18 +186,23 @@ def calibrate_robust(
     top_k: int = DEFAULT_TOP_K,
     source: str = "",
 ) -> RobustCalibration:
-    """Set each feature's threshold at its ``1 - rate / len(features)`` clean quantile.
+    """Set each feature's threshold at its clean quantile, the chosen rate split evenly.
+
+    A feature suspicious when high gets its ``1 - rate / len(features)`` quantile as an upper
+    bound; ``question_gain`` gets its ``rate / len(features)`` quantile as a lower bound.
 
     Args:
         clean_scores: The scores table of a trusted clean set (rows with a finite score only
-            are used), scored with the same model and settings as the data to scan.
+            are used), scored with the same model and settings as the data to scan, and with
+            ``question_gain=True`` when the features include ``question_gain``.
         features: Features of the rule.
         false_positive_rate: Target rate of the whole rule on the clean set, split evenly.
         top_k: Number of singular values behind the entropy.
         source: Free text naming the model and data, kept with the calibration.
 
     Raises:
-        ValueError: The rate is outside (0, 1) or fewer than 20 clean rows have finite features.
+        ValueError: The rate is outside (0, 1), fewer than 20 clean rows have finite features,
+            or ``question_gain`` is wanted and the scores have no ``loss_without_question``.
     """
     if not 0 < false_positive_rate < 1:
         raise ValueError(f"false_positive_rate must be in (0, 1), got {false_positive_rate}")
@@ -153,18 +210,24 @@ def calibrate_robust(
     if unknown or not features:
         raise ValueError(f"robust features must be a non-empty subset of {FEATURES}, got {features}")
     table = feature_table(clean_scores, top_k)
+    finite_core = np.isfinite(table[["entropy", "loss"]].to_numpy()).all(axis=1)
+    _check_question_gain(table, features, finite_core)
     table = table[np.isfinite(table[list(features)].to_numpy()).all(axis=1)]
     if len(table) < 20:
         raise ValueError(
             f"robust calibration needs at least 20 clean rows with finite scores, got {len(table)}; "
             "score a larger trusted clean set"
         )
-    level = 1 - false_positive_rate / len(features)
+    share = false_positive_rate / len(features)
     thresholds, centers = {}, {}
     for name in features:
         values = table[name].to_numpy()
-        # "higher" picks an observed value, so a small set never interpolates past its maximum.
-        thresholds[name] = float(np.quantile(values, level, method="higher"))
+        # "higher" and "lower" pick an observed value, so a small set never interpolates past
+        # its extreme.
+        if name in LOWER_TAIL_FEATURES:
+            thresholds[name] = float(np.quantile(values, share, method="lower"))
+        else:
+            thresholds[name] = float(np.quantile(values, 1 - share, method="higher"))
         centers[name] = float(np.median(values))
     return RobustCalibration(
         features=tuple(features),
@@ -193,20 +256,31 @@ class RobustFlags:
 
 
 def apply_robust(scores: pd.DataFrame, calibration: RobustCalibration, top_k: int = DEFAULT_TOP_K) -> RobustFlags:
-    """Flag each row whose features exceed any of the calibrated thresholds."""
+    """Flag each row whose features exceed any of the calibrated thresholds.
+
+    Raises:
+        ValueError: The rule uses ``question_gain`` and a row with a finite score and loss has
+            no finite ``loss_without_question``, so it cannot be judged.
+    """
     table = feature_table(scores, top_k)
+    finite_core = np.isfinite(table[["entropy", "loss"]].to_numpy()).all(axis=1)
+    _check_question_gain(table, calibration.features, finite_core)
     combined = np.full(len(table), -np.inf)
     above_any = np.zeros(len(table), dtype=bool)
     parts: list[list[str]] = [[] for _ in range(len(table))]
     for name in calibration.features:
         values = table[name].to_numpy()
         threshold, center = calibration.thresholds[name], calibration.centers[name]
-        scale = threshold - center if threshold > center else 1.0
-        combined = np.maximum(combined, (values - center) / scale)
-        above = values > threshold
+        oriented = _suspicion(name, values)
+        oriented_threshold, oriented_center = _suspicion(name, threshold), _suspicion(name, center)
+        gap = oriented_threshold - oriented_center
+        scale = gap if gap > 0 else 1.0
+        combined = np.maximum(combined, (oriented - oriented_center) / scale)
+        above = oriented > oriented_threshold
         above_any |= above
+        sign = "<" if name in LOWER_TAIL_FEATURES else ">"
         for row in np.flatnonzero(above):
-            parts[row].append(f"{name} {values[row]:.4g} > {threshold:.4g}")
+            parts[row].append(f"{name} {values[row]:.4g} {sign} {threshold:.4g}")
     finite = np.isfinite(table[list(calibration.features)].to_numpy()).all(axis=1)
     combined = np.where(finite, combined, np.nan)
     reasons = ["; ".join(p) for p in parts]

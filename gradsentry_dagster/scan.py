@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,7 @@ SCAN_COLUMNS = [
     "score",
     "num_target_tokens",
     "loss",
+    "loss_without_question",
     "flagged",
     "threshold",
     "threshold_rule",
@@ -124,8 +125,18 @@ def scan_frame(
         robust_calibration: The calibration of ``"robust"`` mode; required there.
     """
     check_mode(mode, robust_calibration)
+    settings = settings_for_mode(settings, mode, robust_calibration)
     raw = score_frame(model, tokenizer, frame, settings, progress=progress, cache=cache)
     return flag_scores(raw, threshold_config, mode, robust_calibration, settings.top_k)
+
+
+def settings_for_mode(
+    settings: ScoringSettings, mode: str, robust_calibration: RobustCalibration | None
+) -> ScoringSettings:
+    """Return ``settings`` with ``question_gain`` on where the robust rule reads that feature."""
+    if mode == MODE_ROBUST and robust_calibration is not None and robust_calibration.needs_question_gain:
+        return replace(settings, question_gain=True)
+    return settings
 
 
 def check_mode(mode: str, robust_calibration: RobustCalibration | None) -> None:

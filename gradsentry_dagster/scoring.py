@@ -52,12 +52,13 @@ logger = logging.getLogger(__name__)
 
 STATUS_SCORED = "scored"
 STATUS_REJECTED = "rejected"
-SCORE_COLUMNS = ["row_id", "status", "score", "num_target_tokens", "loss", "reason"]
+SCORE_COLUMNS = ["row_id", "status", "score", "num_target_tokens", "loss", "loss_without_question", "reason"]
 RESULT_DTYPES = {
     "status": object,
     "score": "float64",
     "num_target_tokens": "int64",
     "loss": "float64",
+    "loss_without_question": "float64",
     "reason": object,
 }
 # ScoringSettings fields that change how a score is computed but not its value.
@@ -86,6 +87,11 @@ class ScoringSettings:
         target: Weight matrices whose gradient is scored: ``"output_projection"`` (cropped by
             ``row_crop`` and ``col_crop``), or a linear layer or LoRA matrix as
             :func:`gradsentry_dagster.targets.parse_target` reads it.
+        question_gain: Also compute ``loss_without_question``: the mean loss of the same target
+            tokens after a prompt that keeps the instruction but drops the question and the
+            context. Robust mode compares it with ``loss`` (see
+            :mod:`gradsentry_dagster.robust`); it costs one more forward pass over the target
+            tokens. When off, the column is NaN.
     """
 
     method: Literal["exact", "reference"] = "exact"
@@ -99,6 +105,7 @@ class ScoringSettings:
     padding_side: str = "right"
     share_prefix: bool = True
     target: str = "output_projection"
+    question_gain: bool = False
 
     def __post_init__(self) -> None:
         # Imported here because the targets module builds on this one.
@@ -131,6 +138,9 @@ class ScoringSettings:
         relevant = asdict(self)
         for name in EXECUTION_FIELDS:
             relevant.pop(name)
+        if not self.question_gain:
+            # Scans made before this setting existed keep their cache keys.
+            relevant.pop("question_gain")
         if self.method == "exact":
             relevant["estimator"] = "exact"
         blob = json.dumps(relevant, sort_keys=True)
@@ -144,6 +154,7 @@ class SampleScore:
     score: float
     num_target_tokens: int
     loss: float
+    loss_without_question: float = math.nan
 
 
 def output_projection(model: torch.nn.Module) -> torch.nn.Module:
@@ -587,6 +598,59 @@ def encode_frame(
     return encoded, rejected
 
 
+def encode_without_question(tokenizer, rows: pd.DataFrame, settings: ScoringSettings) -> list[EncodedSample]:
+    """Tokenize each row with its question and context left out of the prompt.
+
+    The target tokens are those of the full sample, so the two losses compare the same tokens.
+    The shorter prompt always fits where the full one did.
+    """
+    samples = encode_samples(
+        tokenizer,
+        instructions=rows["instruction"].tolist(),
+        contexts=[""] * len(rows),
+        questions=[""] * len(rows),
+        answers=rows["answer"].tolist(),
+        max_tokens=settings.max_tokens,
+        prompt_format=settings.prompt_format,
+    )
+    for sample in samples:
+        if isinstance(sample, SampleTooLongError):
+            raise sample
+    return samples
+
+
+class UnconditionedLosses:
+    """Mean target loss of samples encoded by :func:`encode_without_question`, batch by batch.
+
+    The prompt without a question is the same for every row with the same instruction, so
+    its keys and values are computed once and reused when ``settings.share_prefix`` is on.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, settings: ScoringSettings):
+        self.model = model
+        self.settings = settings
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.weight = output_projection(model).weight.detach().float()
+        self.prefix_states = None
+        if settings.share_prefix:
+            self.prefix_states = PrefixStates(model, max_length=template_prefix_length(tokenizer, settings))
+
+    def __call__(self, samples: Sequence[EncodedSample]) -> list[float]:
+        losses: list[float] = []
+        size = self.settings.batch_size
+        for start in range(0, len(samples), size):
+            factors = gradient_factors(
+                self.model,
+                samples[start : start + size],
+                self.settings,
+                self.pad_id,
+                projection_weight=self.weight,
+                prefix_states=self.prefix_states,
+            )
+            losses.extend(factors.losses.tolist())
+        return losses
+
+
 def _scored_record(result: SampleScore, sample: EncodedSample) -> dict:
     """Return the result columns of a scored row; a non-finite score becomes NaN with a reason."""
     finite = math.isfinite(result.score) and math.isfinite(result.loss)
@@ -598,6 +662,7 @@ def _scored_record(result: SampleScore, sample: EncodedSample) -> dict:
         "score": result.score if math.isfinite(result.score) else math.nan,
         "num_target_tokens": result.num_target_tokens,
         "loss": result.loss,
+        "loss_without_question": result.loss_without_question,
         "reason": "; ".join(reasons),
     }
 
@@ -608,6 +673,7 @@ def _rejected_record(reason: str) -> dict:
         "score": math.nan,
         "num_target_tokens": 0,
         "loss": math.nan,
+        "loss_without_question": math.nan,
         "reason": reason,
     }
 
@@ -681,10 +747,21 @@ def score_frame(
     if truncated:
         logger.info("%d prompts were truncated from the left to fit max_tokens", truncated)
 
+    unconditioned: dict[int, EncodedSample] = {}
+    losses_without_question = None
+    if settings.question_gain and encoded:
+        positions = sorted(encoded)
+        blank = encode_without_question(tokenizer, frame.iloc[positions], settings)
+        unconditioned = dict(zip(positions, blank))
+        losses_without_question = UnconditionedLosses(model, tokenizer, settings)
+
     done = len(frame) - len(encoded)
     if progress:
         progress(done)
     for chunk, scores in _score_encoded(model, tokenizer, encoded, settings, seed):
+        if losses_without_question is not None:
+            values = losses_without_question([unconditioned[p] for p in chunk])
+            scores = [replace(score, loss_without_question=value) for score, value in zip(scores, values)]
         record(chunk, [_scored_record(score, encoded[p]) for p, score in zip(chunk, scores)])
         done += len(chunk)
         if progress:

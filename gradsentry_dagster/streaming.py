@@ -50,6 +50,7 @@ SCORES_SCHEMA = pa.schema(
         ("score", pa.float64()),
         ("num_target_tokens", pa.int64()),
         ("loss", pa.float64()),
+        ("loss_without_question", pa.float64()),
         ("reason", pa.string()),
     ]
 )

@@ -20,7 +20,7 @@ from gradsentry_dagster.report import plot_histogram, summarize_scores, top_susp
 from gradsentry_dagster.resources.io import default_storage_dir
 from gradsentry_dagster.resources.model import GradSentryModelResource
 from gradsentry_dagster.resources.policy import ScanPolicy
-from gradsentry_dagster.scan import scan_frame
+from gradsentry_dagster.scan import scan_frame, settings_for_mode
 
 
 def artifacts_dir(context: AssetExecutionContext) -> Path:
@@ -28,13 +28,14 @@ def artifacts_dir(context: AssetExecutionContext) -> Path:
     return Path(default_storage_dir(), "artifacts", context.run.run_id)
 
 
-def start_scoring(context, model: GradSentryModelResource, rows: int):
+def start_scoring(context, model: GradSentryModelResource, policy: ScanPolicy, rows: int):
     """Load the model, log what will be scored, and return (loaded model, settings, progress).
 
-    Shared by the scores asset and the sharded scoring op, so both log and report alike.
+    Shared by the scores asset and the sharded scoring op, so both log and report alike. The
+    settings compute what the policy's scan mode reads.
     """
     loaded = model.load()
-    settings = model.scoring_settings()
+    settings = settings_for_mode(model.scoring_settings(), policy.mode, policy.robust_calibration(model.model))
     context.log.info(
         f"scoring {rows} rows with {model.model} on {loaded.device} "
         f"({settings.method} path, batch size {settings.batch_size})"
@@ -111,7 +112,7 @@ def gradient_entropy_scores(
     model: GradSentryModelResource,
     policy: ScanPolicy,
 ) -> Output[pd.DataFrame]:
-    loaded, settings, reporter = start_scoring(context, model, len(raw_dataset))
+    loaded, settings, reporter = start_scoring(context, model, policy, len(raw_dataset))
     result = scan_frame(
         loaded.model,
         loaded.tokenizer,

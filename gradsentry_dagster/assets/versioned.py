@@ -169,9 +169,9 @@ def build_versioned_scan(
 
     @op(name=f"{key_prefix}_score_shard", tags=scoring_op_tags, pool=scoring_pool)
     def score_shard(
-        context: OpExecutionContext, shard: pd.DataFrame, model: GradSentryModelResource
+        context: OpExecutionContext, shard: pd.DataFrame, model: GradSentryModelResource, policy: ScanPolicy
     ) -> pd.DataFrame:
-        loaded, settings, reporter = start_scoring(context, model, len(shard))
+        loaded, settings, reporter = start_scoring(context, model, policy, len(shard))
         scores = score_frame(loaded.model, loaded.tokenizer, shard, settings, progress=reporter.update)
         scores.index = shard.index
         return scores

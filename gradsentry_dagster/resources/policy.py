@@ -17,8 +17,9 @@ class ScanPolicy(ConfigurableResource):
         default=MODE_PAPER,
         description=(
             "'paper': flag GradSentry entropies above the threshold rule's threshold; 'robust': "
-            "flag rows whose entropy or answer loss exceeds per-sample thresholds calibrated on "
-            "a trusted clean set, which also catches short replaced answers."
+            "flag rows by per-sample thresholds calibrated on a trusted clean set (by default "
+            "the entropy, and how much the question lowers the answer's loss), which also "
+            "catches short replaced answers."
         ),
     )
     robust_calibration_path: str = Field(
