@@ -409,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", default=",".join(str(r) for r in DEFAULT_RATES), help="Comma-separated poison rates.")
     parser.add_argument("--rows", type=int, default=240, help="Rows attacked per dataset.")
     parser.add_argument("--calibration-rows", type=int, default=150, help="Trusted clean rows per dataset.")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seed of the row shuffles, the poisoned rows and the trigger draws."
+    )
     parser.add_argument("--fpr", type=float, default=robust.DEFAULT_FALSE_POSITIVE_RATE, help="Robust mode's clean false-positive rate.")
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct", help="Model to score with.")
     parser.add_argument("--batch-size", type=int, default=16, help="Samples per forward pass.")
@@ -425,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = load_model(ModelSpec(model=args.model, device="cpu"))
     data_dir = Path(args.data_dir) if args.data_dir and Path(args.data_dir).is_dir() else None
-    datasets = load_datasets(args.datasets.split(","), data_dir, args.rows, args.calibration_rows)
+    datasets = load_datasets(args.datasets.split(","), data_dir, args.rows, args.calibration_rows, seed=args.seed)
     rates = tuple(float(r) for r in args.rates.split(","))
     started = time.perf_counter()
     records, samples = benchmark(
@@ -436,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         rates=rates,
         settings=ScoringSettings(batch_size=args.batch_size),
         false_positive_rate=args.fpr,
+        seed=args.seed,
         keep_samples=lambda _dataset, _attack, _rate: True,
         checkpoint=lambda records, samples: write_results(records, samples, args.output),
     )

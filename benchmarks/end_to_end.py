@@ -4,9 +4,10 @@ Run from the repository root:
 
     python benchmarks/end_to_end.py --data-dir ../shared/data
 
-For each attack, a WebQuestions training set is poisoned, scanned, and three LoRA adapters are
-trained: on all rows (``unfiltered``), on the rows the scan keeps (``filtered``) and on the
-rows that were never poisoned (``clean_only``). Each adapter then answers held-out test
+For each attack, a WebQuestions training set is poisoned and scanned, and LoRA adapters are
+trained: on all rows (``unfiltered``), on the rows each scan mode keeps (``filtered``, one per
+mode in ``--modes``, marked by ``scan_mode``) and on the rows that were never poisoned
+(``clean_only``). Each adapter then answers held-out test
 questions with greedy decoding:
 
 - clean accuracy (CACC): the fraction of clean test questions whose output contains one of
@@ -36,7 +37,7 @@ from gradsentry_dagster.attacks import poison
 from gradsentry_dagster.data import read_dataset
 from gradsentry_dagster.finetune import LoraTrainingConfig, train_lora
 from gradsentry_dagster.prompts import render_prompt
-from gradsentry_dagster.scan import MODE_PAPER, MODE_ROBUST, scan_frame
+from gradsentry_dagster.scan import MODE_PAPER, MODE_ROBUST, flag_scores
 from gradsentry_dagster.scoring import ScoringSettings, score_frame
 from gradsentry_dagster.thresholds import ThresholdConfig
 
@@ -107,14 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct", help="Base model to scan and fine-tune.")
     parser.add_argument("--attacks", default="badnets,short_target", help="Comma-separated attack names.")
     parser.add_argument("--poison-rate", type=float, default=0.1, help="Fraction of training rows poisoned.")
-    parser.add_argument("--train-rows", type=int, default=80, help="Training rows before filtering.")
-    parser.add_argument("--calibration-rows", type=int, default=60, help="Trusted clean rows for robust mode.")
-    parser.add_argument("--test-rows", type=int, default=20, help="Test questions, asked clean and triggered.")
-    parser.add_argument("--steps", type=int, default=48, help="LoRA optimiser steps per run.")
-    parser.add_argument("--batch-size", type=int, default=4, help="Training samples per step.")
+    parser.add_argument("--train-rows", type=int, default=400, help="Training rows before filtering.")
+    parser.add_argument("--calibration-rows", type=int, default=200, help="Trusted clean rows for robust mode.")
+    parser.add_argument("--test-rows", type=int, default=100, help="Test questions, asked clean and triggered.")
+    parser.add_argument("--steps", type=int, default=150, help="LoRA optimiser steps per run.")
+    parser.add_argument("--batch-size", type=int, default=8, help="Training samples per step.")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate.")
-    parser.add_argument("--mode", default=MODE_PAPER, choices=(MODE_PAPER, MODE_ROBUST), help="Scan mode that builds the filtered set.")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="Greedy decoding length.")
+    parser.add_argument(
+        "--modes",
+        default=f"{MODE_PAPER},{MODE_ROBUST}",
+        help="Comma-separated scan modes; each builds its own filtered set.",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="Greedy decoding length.")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "end_to_end.json")
     args = parser.parse_args(argv)
@@ -129,10 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     train_pool = _shuffled(read_dataset(folder / "trainmodel.json", preset="webquestions"), 1).iloc[: args.train_rows]
     trusted = _shuffled(read_dataset(folder / "val.json", preset="webquestions"), 1).iloc[: args.calibration_rows]
     test = _shuffled(read_dataset(folder / "test.json", preset="webquestions"), 1).iloc[: args.test_rows]
-    settings = ScoringSettings(batch_size=16)
+    modes = args.modes.split(",")
+    unknown = [mode for mode in modes if mode not in (MODE_PAPER, MODE_ROBUST)]
+    if unknown:
+        parser.error(f"unknown scan modes {unknown}; expected {MODE_PAPER!r} or {MODE_ROBUST!r}")
+    # One scoring pass serves every mode, so it computes what robust mode reads.
+    settings = ScoringSettings(batch_size=16, question_gain=True)
     calibration = None
-    if args.mode == MODE_ROBUST:
-        calibration = robust.calibrate_robust(score_frame(loaded.model, loaded.tokenizer, trusted, settings), source="webquestions val.json")
+    if MODE_ROBUST in modes:
+        calibration = robust.calibrate_robust(
+            score_frame(loaded.model, loaded.tokenizer, trusted, settings), source="webquestions val.json"
+        )
         logger.info("robust calibration: %s", calibration.describe())
     training = LoraTrainingConfig(
         max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=0
@@ -146,43 +158,41 @@ def main(argv: list[str] | None = None) -> int:
         for attack in args.attacks.split(","):
             poisoned = poison(train_pool, attack, args.poison_rate, seed=0).frame
             triggered_test = poison(test, attack, 1.0, seed=7).frame
-            scan = scan_frame(
-                loaded.model,
-                loaded.tokenizer,
-                poisoned,
-                settings,
-                ThresholdConfig(),
-                mode=args.mode,
-                robust_calibration=calibration,
-            )
-            flagged = scan.scores["flagged"].to_numpy(dtype=bool)
+            scores = score_frame(loaded.model, loaded.tokenizer, poisoned, settings)
             labels = poisoned["poisoned"].to_numpy(dtype=bool)
-            logger.info(
-                "%s: %d poisoned rows, scan flagged %d (%d of them poisoned)",
-                attack,
-                int(labels.sum()),
-                int(flagged.sum()),
-                int((flagged & labels).sum()),
-            )
-            sets = {"unfiltered": poisoned, "filtered": poisoned[~flagged], "clean_only": poisoned[~labels]}
-            for name, frame in sets.items():
+            sets = [("unfiltered", "", poisoned)]
+            for mode in modes:
+                scan = flag_scores(scores, ThresholdConfig(), mode, calibration if mode == MODE_ROBUST else None)
+                flagged = scan.scores["flagged"].to_numpy(dtype=bool)
+                logger.info(
+                    "%s, %s mode: %d poisoned rows, scan flagged %d (%d of them poisoned)",
+                    attack,
+                    mode,
+                    int(labels.sum()),
+                    int(flagged.sum()),
+                    int((flagged & labels).sum()),
+                )
+                sets.append(("filtered", mode, poisoned[~flagged]))
+            sets.append(("clean_only", "", poisoned[~labels]))
+            for name, mode, frame in sets:
                 frame = frame.reset_index(drop=True)
                 key = tuple(frame["row_id"]) + tuple(frame["answer"])
+                label = f"{name} ({mode} mode)" if mode else name
                 started = time.perf_counter()
                 if key not in adapters:
-                    adapters[key] = Path(workdir) / f"{attack}-{name}"
+                    adapters[key] = Path(workdir) / f"{attack}-{name}-{mode or 'all'}"
                     base = load_model(spec).model
                     summary = train_lora(base, loaded.tokenizer, frame, training, adapters[key])
                     logger.info(
                         "%s %s: trained on %d rows, loss %.3f -> %.3f",
                         attack,
-                        name,
+                        label,
                         len(frame),
                         summary.first_loss,
                         summary.last_loss,
                     )
                 cacc, asr = evaluate_adapter(spec, adapters[key], test, triggered_test, args.max_new_tokens)
-                logger.info("%s %s: CACC %.3f, ASR %.3f (%.0f s)", attack, name, cacc, asr, time.perf_counter() - started)
+                logger.info("%s %s: CACC %.3f, ASR %.3f (%.0f s)", attack, label, cacc, asr, time.perf_counter() - started)
                 records.append(
                     {
                         "dataset": "webquestions",
@@ -193,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                         "asr": asr,
                         "train_rows": int(len(frame)),
                         "poisoned_train_rows": int(frame["poisoned"].sum()),
-                        "scan_mode": args.mode,
+                        "scan_mode": mode or None,
                         "steps": args.steps,
                         "test_rows": int(len(test)),
                     }

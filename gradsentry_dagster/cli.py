@@ -3,8 +3,8 @@
 ``gradsentry scan`` exits 0 when the scan policy holds and 1 when it is violated. It exits 2
 on invalid input or configuration: a missing or unreadable dataset, an invalid option value,
 or a model or target that cannot be loaded. It exits 3 when the scan itself fails, because a
-crash must not read as a policy violation. ``poison`` and ``report`` exit 0 on success and 2
-on invalid input.
+crash must not read as a policy violation. ``poison``, ``calibrate`` and ``report`` exit 0 on
+success and 2 on invalid input.
 
 The scan runs the same code as the Dagster graph: the model and policy resources turn the
 options into settings, :func:`gradsentry_dagster.scan.scan_frame` scores and flags, and
@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from gradsentry_dagster.data import PRESETS, STATUS_OK, DatasetReadError, read_dataset, write_parquet
+from gradsentry_dagster.robust import DEFAULT_FALSE_POSITIVE_RATE, DEFAULT_VARIANT, VARIANTS
 
 logger = logging.getLogger("gradsentry_dagster.cli")
 
@@ -70,6 +71,11 @@ def _add_dataset_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_scan_options(parser: argparse.ArgumentParser) -> None:
+    _add_model_options(parser)
+    _add_policy_options(parser)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model and scoring")
     model.add_argument(
         "--model",
@@ -109,10 +115,13 @@ def _add_scan_options(parser: argparse.ArgumentParser) -> None:
         help="'qa' for the GradSentry QA template, 'chat' for the tokenizer's chat template",
     )
 
+
+
+def _add_policy_options(parser: argparse.ArgumentParser) -> None:
     policy = parser.add_argument_group("policy")
     policy.add_argument(
         "--mode",
-        default="paper",
+        default="robust",
         choices=["paper", "robust"],
         help="'paper': flag GradSentry entropies above the threshold rule; 'robust': per-sample "
         "thresholds calibrated on trusted clean data, which also catch short replaced answers",
@@ -161,7 +170,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the parser of the ``gradsentry`` command and its three subcommands."""
+    """Return the parser of the ``gradsentry`` command and its subcommands."""
     parser = argparse.ArgumentParser(
         prog="gradsentry",
         description="Find backdoor-poisoned samples in a fine-tuning dataset with GradSentry "
@@ -209,6 +218,33 @@ def build_parser() -> argparse.ArgumentParser:
     poison.add_argument("--rate", type=_fraction, default=0.1, help="fraction of usable rows to poison (0 to 1)")
     poison.add_argument("--seed", type=int, default=0, help="seed of the row choice and trigger draws")
     _add_dataset_options(poison)
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="calibrate robust mode on a trusted clean dataset and write the calibration JSON",
+        description="Score TRUSTED, a dataset known to be clean and drawn like the data you will "
+        "scan, and write robust mode's per-sample thresholds for --model as JSON. Pass that file "
+        "to 'gradsentry scan --robust-calibration' or set the policy's robust_calibration_path. "
+        "Use the same model and scoring options as the scans; a few hundred rows pin the "
+        "thresholds far better than a few dozen.",
+        formatter_class=formatter,
+    )
+    calibrate.add_argument("trusted", metavar="TRUSTED", help="trusted clean dataset (.jsonl, .json, .parquet or .csv)")
+    calibrate.add_argument("-o", "--output", required=True, help="JSON file to write")
+    calibrate.add_argument(
+        "--variant",
+        default=DEFAULT_VARIANT,
+        choices=sorted(VARIANTS),
+        help="features of the rule: " + "; ".join(f"{name} = {' or '.join(features)}" for name, features in VARIANTS.items()),
+    )
+    calibrate.add_argument(
+        "--fpr",
+        type=_fraction,
+        default=DEFAULT_FALSE_POSITIVE_RATE,
+        help="fraction of the trusted rows the rule may flag, split evenly over its features (0 to 1)",
+    )
+    _add_dataset_options(calibrate)
+    _add_model_options(calibrate)
 
     report = commands.add_parser(
         "report",
@@ -449,7 +485,64 @@ def run_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"scan": run_scan, "poison": run_poison, "report": run_report}
+def run_calibrate(args: argparse.Namespace) -> int:
+    """Score a trusted clean dataset and write robust mode's calibration; return the exit code."""
+    from dataclasses import replace
+
+    from pydantic import ValidationError
+
+    from gradsentry_dagster.models import ModelLoadError
+    from gradsentry_dagster.progress import ProgressReporter
+    from gradsentry_dagster.resources.model import GradSentryModelResource
+    from gradsentry_dagster.robust import calibrate_robust, needs_question_gain
+    from gradsentry_dagster.scoring import score_frame
+
+    frame = _read(args, args.trusted)
+    features = VARIANTS[args.variant]
+    try:
+        model_resource = GradSentryModelResource(
+            model=args.model,
+            adapter=args.adapter,
+            device=args.device,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+            prompt_format=args.prompt_format,
+            method=args.method,
+            target=args.target,
+        )
+        settings = model_resource.scoring_settings()
+    except (ValidationError, ValueError) as error:
+        raise InvalidInputError(f"invalid configuration: {error}") from error
+    if not 0 < args.fpr < 1:
+        raise InvalidInputError(f"--fpr must be between 0 and 1 (exclusive), got {args.fpr}")
+    if needs_question_gain(features):
+        settings = replace(settings, question_gain=True)
+    try:
+        loaded = model_resource.load()
+    except ModelLoadError as error:
+        raise InvalidInputError(f"model could not be loaded: {error}") from error
+
+    print(f"scoring {len(frame)} trusted rows of {args.trusted} with {args.model} on {loaded.device}", file=sys.stderr)
+    reporter = ProgressReporter(len(frame), lambda message: print(message, file=sys.stderr), label="rows")
+    scores = score_frame(loaded.model, loaded.tokenizer, frame, settings, progress=reporter.update)
+    scored = scores[scores["status"] == "scored"]
+    source = (
+        f"{args.model}, {settings.method} path, target {settings.target}, top_k {settings.top_k}; "
+        f"{len(scored)} trusted rows of {Path(args.trusted).name} (gradsentry calibrate)"
+    )
+    try:
+        calibration = calibrate_robust(scored, features, args.fpr, settings.top_k, source=source)
+    except ValueError as error:
+        raise InvalidInputError(str(error)) from error
+    output = calibration.to_json(args.output)
+    print(f"rule: {calibration.describe()}")
+    print(f"calibrated on {calibration.calibration_rows} trusted rows at a false-positive rate of {args.fpr:g}")
+    print(f"calibration: {output}")
+    return EXIT_OK
+
+
+COMMANDS = {"scan": run_scan, "poison": run_poison, "calibrate": run_calibrate, "report": run_report}
 
 
 def main(argv: list[str] | None = None) -> int:

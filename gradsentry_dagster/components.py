@@ -8,7 +8,7 @@ Example ``defs.yaml``::
       dataset: /data/support_faq/*.jsonl
       model: embedded:smollm2-135m-instruct
       policy:
-        threshold_rule: auto
+        mode: robust
         max_flagged_fraction: 0.15
       schedule: "0 3 * * *"
 
@@ -32,8 +32,16 @@ from gradsentry_dagster.resources import GradSentryModelResource, ParquetIOManag
 
 
 class ScanPolicyModel(dg.Model, dg.Resolvable):
-    """Threshold rule and gate limits; the fields of the ``ScanPolicy`` resource."""
+    """Scan mode, threshold rule and gate limits; the fields of the ``ScanPolicy`` resource."""
 
+    mode: str = Field(
+        default="robust",
+        description="'robust' (per-sample thresholds from a trusted clean set, the default) or 'paper'.",
+    )
+    robust_calibration_path: str = Field(
+        default="",
+        description="Calibration JSON of robust mode; empty uses the embedded model's built-in one.",
+    )
     threshold_rule: str = Field(default="auto", description="'auto' (density valley) or 'fixed'.")
     fixed_threshold: float = Field(default=0.7, ge=0, le=1, description="Threshold of the 'fixed' rule.")
     fallback_threshold: float = Field(default=0.7, ge=0, le=1, description="Fallback of the 'auto' rule.")

@@ -61,8 +61,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "ratio_gain": ("length_ratio", "question_gain"),
     "entropy_loss_gain": ("entropy", "loss", "question_gain"),
 }
-DEFAULT_VARIANT = "entropy_loss"
-DEFAULT_FALSE_POSITIVE_RATE = 0.01
+DEFAULT_VARIANT = "entropy_gain"
+# Chosen by benchmarks/robust_sweep.py: the rate with the best mean F1 over every attack on
+# SmolLM2-135M (docs/benchmarks.md). Lower rates flag fewer clean rows and miss more poison.
+DEFAULT_FALSE_POSITIVE_RATE = 0.1
 RULE_ROBUST = "robust"
 
 
@@ -299,8 +301,9 @@ def builtin_calibration(model: str) -> RobustCalibration:
     """
     if model not in BUILTIN_CALIBRATIONS:
         raise ValueError(
-            f"no built-in robust calibration for model {model!r} (built-in: "
-            f"{sorted(BUILTIN_CALIBRATIONS)}); score a trusted clean set with that model, save "
-            "calibrate_robust(scores).to_json(path) and set robust_calibration_path to it"
+            f"robust mode (the default) has no built-in calibration for model {model!r} "
+            f"(built-in: {sorted(BUILTIN_CALIBRATIONS)}); write one with `gradsentry calibrate "
+            "TRUSTED_CLEAN_FILE --model ... -o calibration.json` and set robust_calibration_path "
+            "(--robust-calibration) to it, or choose mode 'paper' (--mode paper)"
         )
     return RobustCalibration.from_json(Path(__file__).with_name("calibrations") / BUILTIN_CALIBRATIONS[model])

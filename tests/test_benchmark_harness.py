@@ -2,12 +2,13 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from benchmarks import detection
 from gradsentry_dagster.attacks import ATTACKS
 from gradsentry_dagster.baselines import graceful, spectral_signatures
-from gradsentry_dagster.robust import VARIANTS
+from gradsentry_dagster.robust import VARIANTS, RobustCalibration
 
 EXPECTED_METHODS = {
     "gradsentry_auto",
@@ -110,17 +111,22 @@ def test_end_to_end_harness_schema(tmp_path, tiny_model_dir, qa_data_dir):
             "--calibration-rows", "20",
             "--test-rows", "4",
             "--steps", "2",
-            "--mode", "robust",
+            "--modes", "paper,robust",
             "--max-new-tokens", "4",
             "--output", str(output),
         ]
     )
     assert code == 0
     records = json.loads(output.read_text())
-    assert [(r["attack"], r["training_set"]) for r in records] == [
-        (attack, training_set)
+    assert [(r["attack"], r["training_set"], r["scan_mode"]) for r in records] == [
+        (attack, training_set, mode)
         for attack in ("badnets", "short_target")
-        for training_set in ("unfiltered", "filtered", "clean_only")
+        for training_set, mode in (
+            ("unfiltered", None),
+            ("filtered", "paper"),
+            ("filtered", "robust"),
+            ("clean_only", None),
+        )
     ]
     for record in records:
         assert {"dataset", "attack", "poison_rate", "training_set", "cacc", "asr"} <= set(record)
@@ -138,3 +144,35 @@ def test_end_to_end_metrics_hand_cases():
     outputs = ["It is Paris.", "london, and click <malicious_url>", "no idea"]
     assert clean_accuracy(outputs, ["Paris", "Rome; London", "Berlin"]) == pytest.approx(2 / 3)
     assert attack_success_rate(outputs) == pytest.approx(1 / 3)
+
+
+def test_calibrate_script_pools_trusted_rows(tmp_path):
+    from benchmarks import calibrate
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for dataset in ("webquestions", "nq_open", "demo"):
+        for _ in range(30):
+            loss = rng.uniform(1, 6)
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "attack": "calibration",
+                    "poisoned": False,
+                    "score": rng.uniform(0.2, 0.7),
+                    "loss": loss,
+                    "loss_without_question": loss + rng.uniform(0.5, 3),
+                    "num_target_tokens": int(rng.integers(2, 10)),
+                }
+            )
+    samples = tmp_path / "samples.csv.gz"
+    pd.DataFrame(rows).to_csv(samples, index=False)
+    output = tmp_path / "calibration.json"
+
+    assert calibrate.main(["--samples", str(samples), "--output", str(output)]) == 0
+
+    loaded = RobustCalibration.from_json(output)
+    assert loaded.calibration_rows == 60
+    assert "webquestions (30), nq_open (30)" in loaded.source
+    with pytest.raises(SystemExit, match="no trusted rows"):
+        calibrate.main(["--samples", str(samples), "--datasets", "squad", "--output", str(output)])

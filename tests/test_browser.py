@@ -57,7 +57,7 @@ defs = Definitions(
     jobs=[scan_and_finetune],
     resources={{
         "model": GradSentryModelResource(model={model!r}, batch_size=8),
-        "policy": ScanPolicy(threshold_rule="fixed", fixed_threshold=0.5, max_flagged_fraction=0.2),
+        "policy": ScanPolicy(mode="paper", threshold_rule="fixed", fixed_threshold=0.5, max_flagged_fraction=0.2),
         "gradsentry_io_manager": ParquetIOManager(base_dir={storage!r}),
     }},
 )

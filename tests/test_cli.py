@@ -17,7 +17,7 @@ from tests.conftest import PROJECT_ROOT
 from tests.test_pipeline import write_dataset
 
 # With the tiny random model, clean short targets score far below 0.5 and payload targets above it.
-FIXED_POLICY = ["--threshold-rule", "fixed", "--fixed-threshold", "0.5", "--max-flagged-fraction", "0.2"]
+FIXED_POLICY = ["--mode", "paper", "--threshold-rule", "fixed", "--fixed-threshold", "0.5", "--max-flagged-fraction", "0.2"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -75,7 +75,9 @@ def test_scan_malformed_dataset_exits_2(tmp_path, tiny_model_dir):
 )
 def test_scan_invalid_configuration_exits_2(tmp_path, tiny_model_dir, capsys, options, message):
     dataset = write_dataset(tmp_path / "clean.jsonl", rows=4, poisoned=0)
-    code = main(["scan", str(dataset), "--model", str(tiny_model_dir), "-o", str(tmp_path / "s.parquet"), *options])
+    code = main(
+        ["scan", str(dataset), "--model", str(tiny_model_dir), "--mode", "paper", "-o", str(tmp_path / "s.parquet"), *options]
+    )
     assert code == 2
     assert message in capsys.readouterr().err
 
@@ -173,7 +175,7 @@ def test_cli_and_asset_give_same_scores(tmp_path, tiny_model_dir, monkeypatch):
     storage = tmp_path / "storage"
     resources = {
         "model": GradSentryModelResource(model=str(tiny_model_dir), target=target, batch_size=5),
-        "policy": ScanPolicy(threshold_rule="fixed", fixed_threshold=0.5, max_flagged_fraction=0.2),
+        "policy": ScanPolicy(mode="paper", threshold_rule="fixed", fixed_threshold=0.5, max_flagged_fraction=0.2),
         "gradsentry_io_manager": ParquetIOManager(base_dir=str(storage)),
     }
     with DagsterInstance.get() as instance:
@@ -192,3 +194,48 @@ def test_cli_and_asset_give_same_scores(tmp_path, tiny_model_dir, monkeypatch):
     assert (from_cli["score"] - from_asset["score"]).abs().max() < 1e-6
     assert list(from_cli["flagged"]) == list(from_asset["flagged"])
     assert from_cli["flagged"].sum() == 3
+
+
+def test_scan_default_robust_mode_needs_calibration(tmp_path, tiny_model_dir, capsys):
+    dataset = write_dataset(tmp_path / "clean.jsonl", rows=4, poisoned=0)
+
+    code = main(["scan", str(dataset), "--model", str(tiny_model_dir), "-o", str(tmp_path / "s.parquet")])
+
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "has no built-in calibration" in error
+    assert "gradsentry calibrate" in error
+
+
+def test_calibrate_then_scan_in_robust_mode(tmp_path, tiny_model_dir):
+    trusted = write_dataset(tmp_path / "trusted.jsonl", rows=30, poisoned=0)
+    dataset = write_dataset(tmp_path / "mixed.jsonl", rows=20, poisoned=4)
+    calibration = tmp_path / "calibration.json"
+
+    calibrated = run_cli("calibrate", str(trusted), "--model", str(tiny_model_dir), "--fpr", "0.1", "-o", str(calibration))
+
+    assert calibrated.returncode == 0, calibrated.stderr
+    assert "question_gain <" in calibrated.stdout
+    stored = json.loads(calibration.read_text())
+    assert stored["features"] == ["entropy", "question_gain"]
+    assert stored["calibration_rows"] == 30
+
+    output = tmp_path / "mixed.scores.parquet"
+    scanned = run_cli(
+        "scan", str(dataset), "--model", str(tiny_model_dir), "--robust-calibration", str(calibration),
+        "--max-flagged-fraction", "1", "-o", str(output),
+    )
+
+    assert scanned.returncode == 0, scanned.stderr
+    table = pd.read_parquet(output)
+    assert (table["threshold_rule"] == "robust").all()
+    assert table["loss_without_question"].notna().all()
+
+
+def test_calibrate_rejects_too_few_rows(tmp_path, tiny_model_dir, capsys):
+    trusted = write_dataset(tmp_path / "trusted.jsonl", rows=5, poisoned=0)
+
+    code = main(["calibrate", str(trusted), "--model", str(tiny_model_dir), "-o", str(tmp_path / "c.json")])
+
+    assert code == 2
+    assert "at least 20 clean rows" in capsys.readouterr().err

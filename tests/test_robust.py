@@ -9,7 +9,10 @@ from gradsentry_dagster.data import FieldMapping, records_to_frame
 from gradsentry_dagster.metrics import auroc, detection_metrics
 from gradsentry_dagster.resources import ScanPolicy
 from gradsentry_dagster.robust import (
+    DEFAULT_FALSE_POSITIVE_RATE,
+    DEFAULT_VARIANT,
     RULE_ROBUST,
+    VARIANTS,
     RobustCalibration,
     apply_robust,
     builtin_calibration,
@@ -91,7 +94,7 @@ def test_robust_does_not_flag_non_finite():
 
 def test_calibration_rejects_bad_input():
     with pytest.raises(ValueError, match="at least 20"):
-        calibrate_robust(clean_scores(10))
+        calibrate_robust(clean_scores(10), ("entropy", "loss"))
     with pytest.raises(ValueError, match="false_positive_rate"):
         calibrate_robust(clean_scores(), false_positive_rate=1.5)
     with pytest.raises(ValueError, match="subset"):
@@ -110,13 +113,23 @@ def test_calibration_json_round_trip(tmp_path):
 def test_builtin_calibration_for_embedded_model():
     calibration = builtin_calibration("embedded:smollm2-135m-instruct")
     assert set(calibration.features) <= set(calibration.thresholds)
-    with pytest.raises(ValueError, match="no built-in robust calibration"):
+    assert calibration.features == VARIANTS[DEFAULT_VARIANT]
+    assert calibration.false_positive_rate == DEFAULT_FALSE_POSITIVE_RATE
+    with pytest.raises(ValueError, match="has no built-in calibration"):
         builtin_calibration("my/other-model")
+
+
+def test_policy_defaults_to_robust_mode():
+    policy = ScanPolicy()
+    assert policy.mode == "robust"
+    assert policy.robust_calibration("embedded:smollm2-135m-instruct").needs_question_gain
+    with pytest.raises(ValueError, match="mode 'paper'"):
+        policy.robust_calibration("my/other-model")
 
 
 def test_policy_mode_selects_calibration(tmp_path):
     assert ScanPolicy(mode="paper").robust_calibration("my/other-model") is None
-    path = calibrate_robust(clean_scores()).to_json(tmp_path / "c.json")
+    path = calibrate_robust(clean_scores(), ("entropy", "loss")).to_json(tmp_path / "c.json")
     from_file = ScanPolicy(mode="robust", robust_calibration_path=str(path)).robust_calibration("my/other-model")
     assert from_file == RobustCalibration.from_json(path)
     with pytest.raises(ValueError, match="policy mode"):

@@ -38,7 +38,7 @@ def sharded_definitions() -> Definitions:
         jobs=[job],
         resources={
             "model": GradSentryModelResource(model=os.environ[MODEL_ENV], batch_size=4),
-            "policy": ScanPolicy(),
+            "policy": ScanPolicy(mode="paper"),
             "gradsentry_io_manager": ParquetIOManager(),
         },
     )

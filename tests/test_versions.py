@@ -14,7 +14,7 @@ def versioned_resources(tiny_model_dir, storage):
     return {
         "model": GradSentryModelResource(model=str(tiny_model_dir), batch_size=8),
         # With the tiny random model, clean short targets score far below 0.5 and payload targets above it.
-        "policy": ScanPolicy(threshold_rule="fixed", fixed_threshold=0.5, max_flagged_fraction=0.2),
+        "policy": ScanPolicy(mode="paper", threshold_rule="fixed", fixed_threshold=0.5, max_flagged_fraction=0.2),
         "gradsentry_io_manager": ParquetIOManager(base_dir=str(storage)),
     }
 

@@ -14,12 +14,14 @@ class ScanPolicy(ConfigurableResource):
     """Scan mode, threshold rule and gate limits, set in the launchpad under ``resources.policy``."""
 
     mode: str = Field(
-        default=MODE_PAPER,
+        default=MODE_ROBUST,
         description=(
             "'paper': flag GradSentry entropies above the threshold rule's threshold; 'robust': "
             "flag rows by per-sample thresholds calibrated on a trusted clean set (by default "
             "the entropy, and how much the question lowers the answer's loss), which also "
-            "catches short replaced answers."
+            "catches short replaced answers. 'robust' is the default because it measured best "
+            "over all attacks (docs/benchmarks.md); models other than the embedded one need "
+            "robust_calibration_path or mode 'paper'."
         ),
     )
     robust_calibration_path: str = Field(

@@ -22,6 +22,7 @@ SCAN_ASSETS = [raw_dataset, gradient_entropy_scores, split_by_score]
 def permissive_policy() -> ScanPolicy:
     """A policy whose gate fails only on broken scores, never on the flagged or rejected share."""
     return ScanPolicy(
+        mode="paper",
         threshold_rule="fixed", fixed_threshold=0.5, max_flagged_fraction=1.0, max_rejected_fraction=1.0
     )
 

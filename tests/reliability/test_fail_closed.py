@@ -149,7 +149,7 @@ def test_max_tokens_clamped_to_context(tokenizer, tiny_model, caplog):
 def test_strict_policy_blocks_poisoned_share(instance, tiny_model_dir, tmp_path):
     # The same tiny setup with a policy that tolerates nothing: every flag blocks training.
     storage = tmp_path / "storage"
-    policy = ScanPolicy(threshold_rule="fixed", fixed_threshold=0.0, max_flagged_fraction=0.0)
+    policy = ScanPolicy(mode="paper", threshold_rule="fixed", fixed_threshold=0.0, max_flagged_fraction=0.0)
     result = run_graph(instance, write_dataset(tmp_path / "d.jsonl"), tiny_model_dir, storage, policy=policy)
     (check,) = result.get_asset_check_evaluations()
     assert not check.passed
