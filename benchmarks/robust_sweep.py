@@ -1,11 +1,13 @@
 """Sweep robust mode's calibration false-positive rate over saved per-sample scores.
 
     python benchmarks/robust_sweep.py [--samples benchmarks/results/detection_samples.csv.gz]
+    python benchmarks/robust_sweep.py --calibration gradsentry_dagster/calibrations/smollm2-135m-instruct.json
 
 Reads the per-sample rows that ``benchmarks/detection.py`` saves (the trusted calibration rows
 and every attacked table), recalibrates each robust variant at several false-positive rates
 and prints, per dataset, the mean F1 over poison rates 1% to 90% for each attack and the
-fraction of clean rows flagged at 0% poison. No model runs, so it takes seconds.
+fraction of clean rows flagged at 0% poison. With ``--calibration`` it evaluates one fixed
+calibration file the same way instead. No model runs, so it takes seconds.
 """
 
 from __future__ import annotations
@@ -50,14 +52,46 @@ def sweep(samples: pd.DataFrame, false_positive_rates=DEFAULT_RATES) -> pd.DataF
     return pd.DataFrame(rows)
 
 
+def evaluate_calibration(samples: pd.DataFrame, calibration: robust.RobustCalibration) -> pd.DataFrame:
+    """Return one row per dataset with a fixed calibration's mean F1 per attack and clean flag rate."""
+    rows = []
+    for dataset, part in samples.groupby("dataset", sort=False):
+        tables = part[part["attack"] != "calibration"]
+        row = {"dataset": dataset}
+        f1_by_attack = {}
+        for (attack, poison_rate), table in tables.groupby(["attack", "poison_rate"], sort=False):
+            flags = robust.apply_robust(table.reset_index(drop=True), calibration)
+            metrics = detection_metrics(table["poisoned"].to_numpy(dtype=bool), flags.combined, flags.flagged)
+            if poison_rate == 0:
+                row["flagged at 0%"] = 1 - metrics["clean_accuracy"]
+            else:
+                f1_by_attack.setdefault(attack, []).append(metrics["f1"])
+        for attack, values in f1_by_attack.items():
+            row[attack] = float(np.mean(values))
+        row["all attacks"] = float(np.mean([np.mean(v) for v in f1_by_attack.values()]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--samples", type=Path, default=ROOT / "benchmarks" / "results" / "detection_samples.csv.gz"
     )
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        help="Evaluate this calibration JSON (for example the shipped one) as it is, instead of the sweep.",
+    )
     args = parser.parse_args(argv)
-    result = sweep(pd.read_csv(args.samples))
     pd.set_option("display.width", 200)
+    if args.calibration:
+        calibration = robust.RobustCalibration.from_json(args.calibration)
+        print(f"### {args.calibration.name}: {calibration.describe()}\n")
+        result = evaluate_calibration(pd.read_csv(args.samples), calibration)
+        print(result.to_markdown(index=False, floatfmt=".2f"))
+        return 0
+    result = sweep(pd.read_csv(args.samples))
     for dataset, part in result.groupby("dataset", sort=False):
         print(f"### {dataset}: mean F1 over 1-90% poison, and clean rows flagged at 0%\n")
         table = part.drop(columns="dataset").sort_values("all attacks", ascending=False)

@@ -4,7 +4,7 @@
 on invalid input or configuration: a missing or unreadable dataset, an invalid option value,
 or a model or target that cannot be loaded. It exits 3 when the scan itself fails, because a
 crash must not read as a policy violation. ``poison``, ``calibrate`` and ``report`` exit 0 on
-success and 2 on invalid input.
+success, 2 on invalid input and 3 when they fail.
 
 The scan runs the same code as the Dagster graph: the model and policy resources turn the
 options into settings, :func:`gradsentry_dagster.scan.scan_frame` scores and flags, and
@@ -323,7 +323,7 @@ def run_scan(args: argparse.Namespace) -> int:
     from gradsentry_dagster.progress import ProgressReporter
     from gradsentry_dagster.resources.model import GradSentryModelResource
     from gradsentry_dagster.resources.policy import ScanPolicy
-    from gradsentry_dagster.scan import scan_frame
+    from gradsentry_dagster.scan import scan_frame, settings_for_mode
     from gradsentry_dagster.targets import parse_target, resolve_modules
 
     frame = _read(args, args.dataset)
@@ -355,6 +355,7 @@ def run_scan(args: argparse.Namespace) -> int:
         threshold_config = policy.threshold_config()
         gate_policy = policy.gate_policy()
         calibration = policy.robust_calibration(args.model)
+        settings_for_mode(settings, policy.mode, calibration)
     except (ValidationError, ValueError) as error:
         raise InvalidInputError(f"invalid configuration: {error}") from error
 
@@ -460,7 +461,9 @@ def run_report(args: argparse.Namespace) -> int:
         scores = pq.read_table(path).to_pandas()
     except (pa.ArrowInvalid, OSError) as error:
         raise InvalidInputError(f"{path} is not a readable Parquet file: {error}") from error
-    missing = [column for column in SCAN_COLUMNS if column not in scores.columns]
+    # Scores written before robust mode's question gain existed have no loss_without_question.
+    required = [column for column in SCAN_COLUMNS if column != "loss_without_question"]
+    missing = [column for column in required if column not in scores.columns]
     if missing:
         raise InvalidInputError(f"{path} is not a gradsentry scores file: columns {', '.join(missing)} are missing")
 
@@ -496,6 +499,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from gradsentry_dagster.resources.model import GradSentryModelResource
     from gradsentry_dagster.robust import calibrate_robust, needs_question_gain
     from gradsentry_dagster.scoring import score_frame
+    from gradsentry_dagster.targets import parse_target, resolve_modules
 
     frame = _read(args, args.trusted)
     features = VARIANTS[args.variant]
@@ -520,8 +524,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
         settings = replace(settings, question_gain=True)
     try:
         loaded = model_resource.load()
+        if settings.target != "output_projection":
+            resolve_modules(loaded.model, parse_target(settings.target))
     except ModelLoadError as error:
         raise InvalidInputError(f"model could not be loaded: {error}") from error
+    except ValueError as error:
+        raise InvalidInputError(f"invalid --target {args.target!r}: {error}") from error
 
     print(f"scoring {len(frame)} trusted rows of {args.trusted} with {args.model} on {loaded.device}", file=sys.stderr)
     reporter = ProgressReporter(len(frame), lambda message: print(message, file=sys.stderr), label="rows")
@@ -532,7 +540,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
         f"{len(scored)} trusted rows of {Path(args.trusted).name} (gradsentry calibrate)"
     )
     try:
-        calibration = calibrate_robust(scored, features, args.fpr, settings.top_k, source=source)
+        calibration = calibrate_robust(
+            scored, features, args.fpr, settings.top_k, source=source, settings_fingerprint=settings.fingerprint()
+        )
     except ValueError as error:
         raise InvalidInputError(str(error)) from error
     output = calibration.to_json(args.output)

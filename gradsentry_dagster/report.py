@@ -32,9 +32,16 @@ def summarize_scores(scores: pd.DataFrame) -> dict:
 def top_suspicious(
     scores: pd.DataFrame, frame: pd.DataFrame | None = None, limit: int = 10, preview_chars: int = 60
 ) -> pd.DataFrame:
-    """Return the highest-scoring rows, with a short truncated preview when ``frame`` is given."""
+    """Return the flagged rows, then the highest-scoring ones, with previews when ``frame`` is given.
+
+    Flagged rows come first because robust mode also flags rows with a low entropy (short
+    replaced answers); within each group, rows are sorted by score.
+    """
     scored = scores[scores["status"] == STATUS_SCORED]
-    top = scored.sort_values("score", ascending=False).head(limit)
+    if "flagged" in scored.columns:
+        top = scored.sort_values(["flagged", "score"], ascending=[False, False]).head(limit)
+    else:
+        top = scored.sort_values("score", ascending=False).head(limit)
     columns = ["row_id", "score", "num_target_tokens", "flagged"]
     result = top[columns].reset_index(drop=True)
     if frame is not None:

@@ -110,12 +110,16 @@ def needs_question_gain(features) -> bool:
 
 
 def _check_question_gain(table: pd.DataFrame, features, scored: np.ndarray) -> None:
-    if not needs_question_gain(features):
+    """Raise when the rule reads question_gain and no scored row has it.
+
+    That happens when the scores were made without ``question_gain=True``; a single row with a
+    non-finite value is handled by the caller instead.
+    """
+    if not needs_question_gain(features) or not scored.any():
         return
-    missing = scored & ~np.isfinite(table["question_gain"].to_numpy())
-    if missing.any():
+    if not np.isfinite(table["question_gain"].to_numpy()[scored]).any():
         raise ValueError(
-            f"robust feature question_gain is missing for {int(missing.sum())} scored rows: "
+            f"robust feature question_gain is missing for all {int(scored.sum())} scored rows: "
             "score them with ScoringSettings(question_gain=True), which fills the "
             "loss_without_question column"
         )
@@ -132,6 +136,9 @@ class RobustCalibration:
         false_positive_rate: The rate of the whole rule on the calibration set.
         calibration_rows: How many clean rows the thresholds came from.
         source: Free text naming the model and data of the calibration.
+        settings_fingerprint: ``ScoringSettings.fingerprint()`` of the scores it came from; a
+            scan with other settings (target, crop, ``top_k``, prompt format, ``max_tokens``)
+            is rejected. Empty skips that check.
     """
 
     features: tuple[str, ...]
@@ -140,6 +147,7 @@ class RobustCalibration:
     false_positive_rate: float
     calibration_rows: int
     source: str = ""
+    settings_fingerprint: str = ""
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.features if name not in FEATURES]
@@ -187,6 +195,7 @@ def calibrate_robust(
     false_positive_rate: float = DEFAULT_FALSE_POSITIVE_RATE,
     top_k: int = DEFAULT_TOP_K,
     source: str = "",
+    settings_fingerprint: str = "",
 ) -> RobustCalibration:
     """Set each feature's threshold at its clean quantile, the chosen rate split evenly.
 
@@ -201,6 +210,7 @@ def calibrate_robust(
         false_positive_rate: Target rate of the whole rule on the clean set, split evenly.
         top_k: Number of singular values behind the entropy.
         source: Free text naming the model and data, kept with the calibration.
+        settings_fingerprint: Fingerprint of the scoring settings of ``clean_scores``.
 
     Raises:
         ValueError: The rate is outside (0, 1), fewer than 20 clean rows have finite features,
@@ -238,6 +248,7 @@ def calibrate_robust(
         false_positive_rate=false_positive_rate,
         calibration_rows=len(table),
         source=source,
+        settings_fingerprint=settings_fingerprint,
     )
 
 
@@ -260,9 +271,12 @@ class RobustFlags:
 def apply_robust(scores: pd.DataFrame, calibration: RobustCalibration, top_k: int = DEFAULT_TOP_K) -> RobustFlags:
     """Flag each row whose features exceed any of the calibrated thresholds.
 
+    A row with a finite score and loss whose other features are not finite is flagged, because
+    it cannot be cleared.
+
     Raises:
-        ValueError: The rule uses ``question_gain`` and a row with a finite score and loss has
-            no finite ``loss_without_question``, so it cannot be judged.
+        ValueError: The rule uses ``question_gain`` and no scored row has a finite
+            ``loss_without_question`` (the scores were made without ``question_gain=True``).
     """
     table = feature_table(scores, top_k)
     finite_core = np.isfinite(table[["entropy", "loss"]].to_numpy()).all(axis=1)
@@ -284,9 +298,14 @@ def apply_robust(scores: pd.DataFrame, calibration: RobustCalibration, top_k: in
         for row in np.flatnonzero(above):
             parts[row].append(f"{name} {values[row]:.4g} {sign} {threshold:.4g}")
     finite = np.isfinite(table[list(calibration.features)].to_numpy()).all(axis=1)
+    # A row with a finite score and loss but no finite question gain cannot be cleared, so it
+    # is flagged. Rows with a non-finite score or loss are left to the gate, which fails them.
+    unjudged = finite_core & ~finite
+    for row in np.flatnonzero(unjudged):
+        parts[row].append("a robust feature is not finite")
     combined = np.where(finite, combined, np.nan)
     reasons = ["; ".join(p) for p in parts]
-    return RobustFlags(combined=combined, flagged=above_any & finite, reasons=reasons)
+    return RobustFlags(combined=combined, flagged=(above_any & finite) | unjudged, reasons=reasons)
 
 
 # Calibrations shipped with the package, by model name.

@@ -133,9 +133,25 @@ def scan_frame(
 def settings_for_mode(
     settings: ScoringSettings, mode: str, robust_calibration: RobustCalibration | None
 ) -> ScoringSettings:
-    """Return ``settings`` with ``question_gain`` on where the robust rule reads that feature."""
-    if mode == MODE_ROBUST and robust_calibration is not None and robust_calibration.needs_question_gain:
-        return replace(settings, question_gain=True)
+    """Return ``settings`` with ``question_gain`` on where the robust rule reads that feature.
+
+    Raises:
+        ValueError: The calibration records scoring settings other than these, so its
+            thresholds do not apply to these scores.
+    """
+    if mode != MODE_ROBUST or robust_calibration is None:
+        return settings
+    if robust_calibration.needs_question_gain:
+        settings = replace(settings, question_gain=True)
+    expected = robust_calibration.settings_fingerprint
+    if expected and expected != settings.fingerprint():
+        raise ValueError(
+            f"the robust calibration was made with other scoring settings (fingerprint {expected}, "
+            f"this scan {settings.fingerprint()}: target {settings.target}, top_k {settings.top_k}, "
+            f"crop {settings.row_crop}x{settings.col_crop}, prompt format {settings.prompt_format}, "
+            f"max_tokens {settings.max_tokens}); write a calibration with these settings "
+            "(gradsentry calibrate) or use mode 'paper'"
+        )
     return settings
 
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from gradsentry_dagster.cache import RESULT_COLUMNS, ScoreCache, row_content_hashes
 from gradsentry_dagster.data import STATUS_OK
 from gradsentry_dagster.models import clamp_max_tokens
-from gradsentry_dagster.prompts import EncodedSample, SampleTooLongError, encode_samples
+from gradsentry_dagster.prompts import DEFAULT_CONTEXT_INSTRUCTION, EncodedSample, SampleTooLongError, encode_samples
 from gradsentry_dagster.spectral import (
     DEFAULT_CROP_FRACTION,
     DEFAULT_TOP_K,
@@ -604,9 +604,15 @@ def encode_without_question(tokenizer, rows: pd.DataFrame, settings: ScoringSett
     The target tokens are those of the full sample, so the two losses compare the same tokens.
     The shorter prompt always fits where the full one did.
     """
+    # A row with a context and no instruction is scored under the context template's default
+    # instruction, so the prompt without the question keeps that instruction.
+    instructions = [
+        instruction or (DEFAULT_CONTEXT_INSTRUCTION if context else "")
+        for instruction, context in zip(rows["instruction"].tolist(), rows["context"].tolist())
+    ]
     samples = encode_samples(
         tokenizer,
-        instructions=rows["instruction"].tolist(),
+        instructions=instructions,
         contexts=[""] * len(rows),
         questions=[""] * len(rows),
         answers=rows["answer"].tolist(),
@@ -622,8 +628,8 @@ def encode_without_question(tokenizer, rows: pd.DataFrame, settings: ScoringSett
 class UnconditionedLosses:
     """Mean target loss of samples encoded by :func:`encode_without_question`, batch by batch.
 
-    The prompt without a question is the same for every row with the same instruction, so
-    its keys and values are computed once and reused when ``settings.share_prefix`` is on.
+    With ``settings.share_prefix`` on, the prompt template's header is computed once and its
+    keys and values are reused, as on the scoring path.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, settings: ScoringSettings):

@@ -172,7 +172,7 @@ def test_calibrate_script_pools_trusted_rows(tmp_path):
     assert calibrate.main(["--samples", str(samples), "--output", str(output)]) == 0
 
     loaded = RobustCalibration.from_json(output)
-    assert loaded.calibration_rows == 60
+    assert loaded.calibration_rows == 90
     assert "webquestions (30), nq_open (30)" in loaded.source
     with pytest.raises(SystemExit, match="no trusted rows"):
         calibrate.main(["--samples", str(samples), "--datasets", "squad", "--output", str(output)])

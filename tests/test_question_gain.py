@@ -109,8 +109,19 @@ def test_question_gain_needs_the_loss_without_question():
     with pytest.raises(ValueError, match="question_gain=True"):
         calibrate_robust(without, ("entropy", "question_gain"))
     calibration = calibrate_robust(gain_scores(np.linspace(1.0, 5.0, 30)), ("entropy", "question_gain"))
-    with pytest.raises(ValueError, match="missing for 30 scored rows"):
+    with pytest.raises(ValueError, match="missing for all 30 scored rows"):
         apply_robust(without, calibration)
+
+
+def test_row_without_question_gain_is_flagged():
+    calibration = calibrate_robust(gain_scores(np.linspace(1.0, 5.0, 30)), ("entropy", "question_gain"))
+    table = gain_scores([3.0, 3.0])
+    table.loc[1, "loss_without_question"] = np.nan
+
+    flags = apply_robust(table, calibration)
+
+    assert flags.flagged.tolist() == [False, True]
+    assert flags.reasons[1] == "a robust feature is not finite"
 
 
 def test_calibration_file_keeps_the_lower_bound(tmp_path):
@@ -229,3 +240,35 @@ def test_gate_accepts_rows_flagged_by_other_robust_features():
     assert any("1 flags disagree" in message for message in result.failure_messages())
     table.loc[3, "flagged"] = True
     assert run_gate(table, GatePolicy(max_flagged_fraction=1.0), 4).passed
+
+
+def test_calibration_rejects_other_scoring_settings():
+    from gradsentry_dagster.scan import settings_for_mode
+
+    settings = ScoringSettings(question_gain=True)
+    calibration = calibrate_robust(
+        gain_scores(np.linspace(1.0, 5.0, 30)), ("entropy", "question_gain"), settings_fingerprint=settings.fingerprint()
+    )
+
+    assert settings_for_mode(ScoringSettings(), "robust", calibration) == settings
+    assert settings_for_mode(ScoringSettings(top_k=8), "paper", calibration) == ScoringSettings(top_k=8)
+    with pytest.raises(ValueError, match="other scoring settings"):
+        settings_for_mode(ScoringSettings(top_k=8), "robust", calibration)
+
+
+def test_top_suspicious_lists_flagged_rows_first():
+    from gradsentry_dagster.report import top_suspicious
+
+    scores = pd.DataFrame(
+        {
+            "row_id": ["high", "short-target", "low"],
+            "status": ["scored"] * 3,
+            "score": [0.7, 0.2, 0.1],
+            "num_target_tokens": [20, 5, 3],
+            "flagged": [False, True, False],
+        }
+    )
+
+    top = top_suspicious(scores, limit=2)
+
+    assert top["row_id"].tolist() == ["short-target", "high"]

@@ -34,8 +34,9 @@ def start_scoring(context, model: GradSentryModelResource, policy: ScanPolicy, r
     Shared by the scores asset and the sharded scoring op, so both log and report alike. The
     settings compute what the policy's scan mode reads.
     """
-    loaded = model.load()
+    # The calibration is read first, so a missing one fails before the model loads.
     settings = settings_for_mode(model.scoring_settings(), policy.mode, policy.robust_calibration(model.model))
+    loaded = model.load()
     context.log.info(
         f"scoring {rows} rows with {model.model} on {loaded.device} "
         f"({settings.method} path, batch size {settings.batch_size})"

@@ -51,7 +51,7 @@ from gradsentry_dagster.assets.split import split_outputs
 from gradsentry_dagster.data import read_dataset
 from gradsentry_dagster.resources.model import GradSentryModelResource
 from gradsentry_dagster.resources.policy import ScanPolicy
-from gradsentry_dagster.scan import flag_scores
+from gradsentry_dagster.scan import flag_scores, settings_for_mode
 from gradsentry_dagster.scoring import score_frame
 from gradsentry_dagster.versions import find_version
 
@@ -199,7 +199,8 @@ def build_versioned_scan(
             f"threshold {result.decision.threshold:.4f} set by rule '{result.decision.rule}' "
             f"on all {len(raw_scores)} rows of {len(shard_scores)} shard(s): {result.decision.detail}"
         )
-        settings = model.scoring_settings()
+        # The settings the shards scored with, question gain included where the mode reads it.
+        settings = settings_for_mode(model.scoring_settings(), policy.mode, policy.robust_calibration(model.model))
         metadata = scores_metadata(
             result.scores,
             raw_dataset,
