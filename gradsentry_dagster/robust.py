@@ -62,8 +62,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "entropy_loss_gain": ("entropy", "loss", "question_gain"),
 }
 DEFAULT_VARIANT = "entropy_gain"
-# Chosen by benchmarks/robust_sweep.py: the rate with the best mean F1 over every attack on
-# SmolLM2-135M (docs/benchmarks.md). Lower rates flag fewer clean rows and miss more poison.
+# Chosen with benchmarks/robust_sweep.py on SmolLM2-135M (docs/benchmarks.md): of the rates whose
+# clean rows stay under the default 15% gate, 10% had the best mean F1 over every attack.
 DEFAULT_FALSE_POSITIVE_RATE = 0.1
 RULE_ROBUST = "robust"
 
