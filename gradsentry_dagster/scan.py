@@ -41,9 +41,21 @@ class ScanResult:
     decision: ThresholdDecision
 
 
+def _copy_raw(raw_scores: pd.DataFrame) -> pd.DataFrame:
+    """Return a copy of a raw scores table with every column the scan table needs.
+
+    Tables scored without ``question_gain`` (or by code older than that setting) get a NaN
+    ``loss_without_question``.
+    """
+    table = raw_scores.copy()
+    if "loss_without_question" not in table.columns:
+        table["loss_without_question"] = np.nan
+    return table
+
+
 def apply_threshold(raw_scores: pd.DataFrame, decision: ThresholdDecision) -> pd.DataFrame:
     """Add ``flagged``, ``threshold``, ``threshold_rule`` and a reason for each flagged row."""
-    table = raw_scores.copy()
+    table = _copy_raw(raw_scores)
     scored = table["status"] == STATUS_SCORED
     score = table["score"].to_numpy(dtype=float)
     # A scored row without a finite score fails closed: it is flagged, never clean.
@@ -70,7 +82,7 @@ def apply_robust_flags(
     The ``score`` column stays the GradSentry entropy, so the table reads the same in both
     modes; the reason of a flagged row names the features that exceeded their thresholds.
     """
-    table = raw_scores.copy()
+    table = _copy_raw(raw_scores)
     scored = (table["status"] == STATUS_SCORED).to_numpy()
     result = apply_robust(table, calibration, top_k)
     table["flagged"] = scored & result.flagged
