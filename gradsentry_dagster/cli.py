@@ -129,7 +129,7 @@ def _add_policy_options(parser: argparse.ArgumentParser) -> None:
     policy.add_argument(
         "--robust-calibration",
         default="",
-        help="JSON calibration of robust mode for --model (written by RobustCalibration.to_json); "
+        help="JSON calibration of robust mode for --model (written by 'gradsentry calibrate'); "
         "empty uses the built-in one of the embedded model",
     )
     policy.add_argument(
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     poison.add_argument(
         "--attack",
         default="badnets",
-        help="attack to run: addsent, badnets, cba, short_target or style (default badnets)",
+        help="attack to run: addsent, badnets, cba, short_target or style",
     )
     poison.add_argument("--rate", type=_fraction, default=0.1, help="fraction of usable rows to poison (0 to 1)")
     poison.add_argument("--seed", type=int, default=0, help="seed of the row choice and trigger draws")
@@ -299,6 +299,15 @@ def format_summary(scores: pd.DataFrame, labels: np.ndarray | None) -> list[str]
         f"({summary['threshold_rule']})",
         f"score median {summary['score_median']:.4f}, mean {summary['score_mean']:.4f}",
     ]
+    if summary["threshold_rule"] == "robust":
+        # The threshold above is the entropy's; rows below it can be flagged by the question gain.
+        low_gain = scores["reason"].astype(str).str.contains("question_gain", regex=False)
+        by_gain = int((scores["flagged"].astype(bool) & low_gain).sum())
+        lines.insert(
+            2,
+            f"  (robust: that is the entropy threshold; {by_gain} of the flagged rows have a question "
+            "gain below its threshold, see the reason column)",
+        )
     scored = (scores["status"] == "scored").to_numpy()
     if labels is not None and labels[scored].any() and not labels[scored].all():
         metrics = detection_metrics(

@@ -183,7 +183,8 @@ class RobustCalibration:
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(
                 f"cannot read the robust calibration file {path}: {error}; write one with "
-                "RobustCalibration.to_json after calibrate_robust"
+                "`gradsentry calibrate TRUSTED_CLEAN_FILE -o calibration.json` (or "
+                "calibrate_robust(...).to_json in Python)"
             ) from error
         payload["features"] = tuple(payload["features"])
         return cls(**payload)

@@ -272,3 +272,26 @@ def test_top_suspicious_lists_flagged_rows_first():
     top = top_suspicious(scores, limit=2)
 
     assert top["row_id"].tolist() == ["short-target", "high"]
+
+
+def test_summary_counts_rows_flagged_by_question_gain():
+    from gradsentry_dagster.cli import format_summary
+
+    scores = pd.DataFrame(
+        {
+            "row_id": ["a", "b", "c"],
+            "status": ["scored"] * 3,
+            "score": [0.9, 0.3, 0.2],
+            "num_target_tokens": [20, 5, 4],
+            "loss": [1.0, 2.0, 2.0],
+            "loss_without_question": [3.0, 2.1, 5.0],
+            "flagged": [True, True, False],
+            "threshold": [0.8] * 3,
+            "threshold_rule": ["robust"] * 3,
+            "reason": ["robust: entropy 0.9 > 0.8", "robust: question_gain 0.5 < 2.8", ""],
+        }
+    )
+
+    lines = format_summary(scores, None)
+
+    assert "1 of the flagged rows have a question gain below its threshold" in lines[2]

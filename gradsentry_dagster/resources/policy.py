@@ -27,7 +27,7 @@ class ScanPolicy(ConfigurableResource):
     robust_calibration_path: str = Field(
         default="",
         description=(
-            "JSON file written by RobustCalibration.to_json for the scanning model; empty uses "
+            "JSON file written by 'gradsentry calibrate' for the scanning model; empty uses "
             "the built-in calibration, which exists for embedded:smollm2-135m-instruct only."
         ),
     )
