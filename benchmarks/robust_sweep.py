@@ -31,45 +31,38 @@ def sweep(samples: pd.DataFrame, false_positive_rates=DEFAULT_RATES) -> pd.DataF
     rows = []
     for dataset, part in samples.groupby("dataset", sort=False):
         calibration_rows = part[part["attack"] == "calibration"]
-        tables = part[part["attack"] != "calibration"]
         for variant, features in robust.VARIANTS.items():
             for rate in false_positive_rates:
                 calibration = robust.calibrate_robust(calibration_rows, features, rate)
-                row = {"dataset": dataset, "variant": f"robust_{variant}", "fpr": rate}
-                f1_by_attack = {}
-                for (attack, poison_rate), table in tables.groupby(["attack", "poison_rate"], sort=False):
-                    flags = robust.apply_robust(table.reset_index(drop=True), calibration)
-                    labels = table["poisoned"].to_numpy(dtype=bool)
-                    metrics = detection_metrics(labels, flags.combined, flags.flagged)
-                    if poison_rate == 0:
-                        row["flagged at 0%"] = 1 - metrics["clean_accuracy"]
-                    else:
-                        f1_by_attack.setdefault(attack, []).append(metrics["f1"])
-                for attack, values in f1_by_attack.items():
-                    row[attack] = float(np.mean(values))
-                row["all attacks"] = float(np.mean([np.mean(v) for v in f1_by_attack.values()]))
-                rows.append(row)
+                row = calibration_metrics(part, calibration)
+                rows.append({"dataset": dataset, "variant": f"robust_{variant}", "fpr": rate, **row})
     return pd.DataFrame(rows)
+
+
+def calibration_metrics(part: pd.DataFrame, calibration: robust.RobustCalibration) -> dict:
+    """Return one dataset's clean flag rate at 0% and mean F1 per attack over the poison rates."""
+    tables = part[part["attack"] != "calibration"]
+    row = {}
+    f1_by_attack = {}
+    for (attack, poison_rate), table in tables.groupby(["attack", "poison_rate"], sort=False):
+        flags = robust.apply_robust(table.reset_index(drop=True), calibration)
+        metrics = detection_metrics(table["poisoned"].to_numpy(dtype=bool), flags.combined, flags.flagged)
+        if poison_rate == 0:
+            row["flagged at 0%"] = 1 - metrics["clean_accuracy"]
+        else:
+            f1_by_attack.setdefault(attack, []).append(metrics["f1"])
+    for attack, values in f1_by_attack.items():
+        row[attack] = float(np.mean(values))
+    row["all attacks"] = float(np.mean([np.mean(v) for v in f1_by_attack.values()]))
+    return row
 
 
 def evaluate_calibration(samples: pd.DataFrame, calibration: robust.RobustCalibration) -> pd.DataFrame:
     """Return one row per dataset with a fixed calibration's mean F1 per attack and clean flag rate."""
-    rows = []
-    for dataset, part in samples.groupby("dataset", sort=False):
-        tables = part[part["attack"] != "calibration"]
-        row = {"dataset": dataset}
-        f1_by_attack = {}
-        for (attack, poison_rate), table in tables.groupby(["attack", "poison_rate"], sort=False):
-            flags = robust.apply_robust(table.reset_index(drop=True), calibration)
-            metrics = detection_metrics(table["poisoned"].to_numpy(dtype=bool), flags.combined, flags.flagged)
-            if poison_rate == 0:
-                row["flagged at 0%"] = 1 - metrics["clean_accuracy"]
-            else:
-                f1_by_attack.setdefault(attack, []).append(metrics["f1"])
-        for attack, values in f1_by_attack.items():
-            row[attack] = float(np.mean(values))
-        row["all attacks"] = float(np.mean([np.mean(v) for v in f1_by_attack.values()]))
-        rows.append(row)
+    rows = [
+        {"dataset": dataset, **calibration_metrics(part, calibration)}
+        for dataset, part in samples.groupby("dataset", sort=False)
+    ]
     return pd.DataFrame(rows)
 
 

@@ -323,34 +323,58 @@ def format_summary(scores: pd.DataFrame, labels: np.ndarray | None) -> list[str]
     return lines
 
 
+def _model_resource(args: argparse.Namespace):
+    """Return the model resource that the model and scoring options describe."""
+    from gradsentry_dagster.resources.model import GradSentryModelResource
+
+    return GradSentryModelResource(
+        model=args.model,
+        adapter=args.adapter,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        prompt_format=args.prompt_format,
+        method=args.method,
+        target=args.target,
+    )
+
+
+def _load_model(model_resource, settings, target_option: str):
+    """Load the model and check that ``--target`` names modules it has.
+
+    Raises:
+        InvalidInputError: The model cannot be loaded or the target matches nothing in it.
+    """
+    from gradsentry_dagster.models import ModelLoadError
+    from gradsentry_dagster.targets import parse_target, resolve_modules
+
+    try:
+        loaded = model_resource.load()
+        if settings.target != "output_projection":
+            resolve_modules(loaded.model, parse_target(settings.target))
+    except ModelLoadError as error:
+        raise InvalidInputError(f"model could not be loaded: {error}") from error
+    except ValueError as error:
+        raise InvalidInputError(f"invalid --target {target_option!r}: {error}") from error
+    return loaded
+
+
 def run_scan(args: argparse.Namespace) -> int:
     """Score a dataset, write the scores and check the policy; return the exit code."""
     from pydantic import ValidationError
 
     from gradsentry_dagster.gate import run_gate
-    from gradsentry_dagster.models import ModelLoadError
     from gradsentry_dagster.progress import ProgressReporter
-    from gradsentry_dagster.resources.model import GradSentryModelResource
     from gradsentry_dagster.resources.policy import ScanPolicy
     from gradsentry_dagster.scan import scan_frame, settings_for_mode
-    from gradsentry_dagster.targets import parse_target, resolve_modules
 
     frame = _read(args, args.dataset)
     output = Path(args.output) if args.output else Path.cwd() / f"{Path(args.dataset).name.split('.')[0]}.scores.parquet"
 
     # The same resources the Dagster graph uses turn options into settings.
     try:
-        model_resource = GradSentryModelResource(
-            model=args.model,
-            adapter=args.adapter,
-            device=args.device,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            max_tokens=args.max_tokens,
-            prompt_format=args.prompt_format,
-            method=args.method,
-            target=args.target,
-        )
+        model_resource = _model_resource(args)
         policy = ScanPolicy(
             mode=args.mode,
             robust_calibration_path=args.robust_calibration,
@@ -368,14 +392,7 @@ def run_scan(args: argparse.Namespace) -> int:
     except (ValidationError, ValueError) as error:
         raise InvalidInputError(f"invalid configuration: {error}") from error
 
-    try:
-        loaded = model_resource.load()
-        if settings.target != "output_projection":
-            resolve_modules(loaded.model, parse_target(settings.target))
-    except ModelLoadError as error:
-        raise InvalidInputError(f"model could not be loaded: {error}") from error
-    except ValueError as error:
-        raise InvalidInputError(f"invalid --target {args.target!r}: {error}") from error
+    loaded = _load_model(model_resource, settings, args.target)
 
     print(
         f"scanning {len(frame)} rows of {args.dataset} with {args.model} on {loaded.device} "
@@ -503,27 +520,14 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from gradsentry_dagster.models import ModelLoadError
     from gradsentry_dagster.progress import ProgressReporter
-    from gradsentry_dagster.resources.model import GradSentryModelResource
     from gradsentry_dagster.robust import calibrate_robust, needs_question_gain
     from gradsentry_dagster.scoring import score_frame
-    from gradsentry_dagster.targets import parse_target, resolve_modules
 
     frame = _read(args, args.trusted)
     features = VARIANTS[args.variant]
     try:
-        model_resource = GradSentryModelResource(
-            model=args.model,
-            adapter=args.adapter,
-            device=args.device,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            max_tokens=args.max_tokens,
-            prompt_format=args.prompt_format,
-            method=args.method,
-            target=args.target,
-        )
+        model_resource = _model_resource(args)
         settings = model_resource.scoring_settings()
     except (ValidationError, ValueError) as error:
         raise InvalidInputError(f"invalid configuration: {error}") from error
@@ -531,14 +535,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--fpr must be between 0 and 1 (exclusive), got {args.fpr}")
     if needs_question_gain(features):
         settings = replace(settings, question_gain=True)
-    try:
-        loaded = model_resource.load()
-        if settings.target != "output_projection":
-            resolve_modules(loaded.model, parse_target(settings.target))
-    except ModelLoadError as error:
-        raise InvalidInputError(f"model could not be loaded: {error}") from error
-    except ValueError as error:
-        raise InvalidInputError(f"invalid --target {args.target!r}: {error}") from error
+    loaded = _load_model(model_resource, settings, args.target)
 
     print(f"scoring {len(frame)} trusted rows of {args.trusted} with {args.model} on {loaded.device}", file=sys.stderr)
     reporter = ProgressReporter(len(frame), lambda message: print(message, file=sys.stderr), label="rows")

@@ -34,8 +34,8 @@ def top_suspicious(
 ) -> pd.DataFrame:
     """Return the flagged rows, then the highest-scoring ones, with previews when ``frame`` is given.
 
-    Flagged rows come first because robust mode also flags rows with a low entropy (short
-    replaced answers); within each group, rows are sorted by score.
+    Flagged rows come first because robust mode also flags rows with a low entropy, such as
+    short replaced answers. Within each group, rows are sorted by score.
     """
     scored = scores[scores["status"] == STATUS_SCORED]
     if "flagged" in scored.columns:

@@ -24,9 +24,9 @@ Features, each a column of the scores table or computed from one:
   and answer under the model. A clean answer is about its question, so the question makes it
   much more likely. An attacker's string is the same whatever the question, so the question
   barely changes its loss. Low values are suspicious, so this feature's threshold is a lower
-  bound. It needs scores made with ``ScoringSettings(question_gain=True)``. The total beat the
-  per-token mean on short replaced answers in an exploratory run (SmolLM2-135M, 150 to 200
-  rows per data set; docs/benchmarks.md).
+  bound. It needs scores made with ``ScoringSettings(question_gain=True)``. The total caught
+  short replaced answers better than the per-token mean in ``benchmarks/feature_probe.py``
+  on SmolLM2-135M (numbers in docs/benchmarks.md).
 
 NOTE: on SmolLM2-135M with WebQuestions and NQ-open, the loss alone does not separate a short
 replaced answer from clean answers at a low false-positive rate, while ``question_gain`` does;
@@ -83,7 +83,7 @@ def feature_table(scores: pd.DataFrame, top_k: int = DEFAULT_TOP_K) -> pd.DataFr
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(allowed > 0, entropy / allowed, 0.0)
     if "loss_without_question" in scores.columns:
-        # Losses are means over the target tokens; the gain is a total over the answer.
+        # Losses are means over the target tokens, so the difference times T totals the gain.
         gain = (scores["loss_without_question"].to_numpy(dtype=float) - loss) * tokens
     else:
         gain = np.full(len(scores), np.nan)
