@@ -541,6 +541,14 @@ def run_calibrate(args: argparse.Namespace) -> int:
     reporter = ProgressReporter(len(frame), lambda message: print(message, file=sys.stderr), label="rows")
     scores = score_frame(loaded.model, loaded.tokenizer, frame, settings, progress=reporter.update)
     scored = scores[scores["status"] == "scored"]
+    rejected = scores[scores["status"] != "scored"]
+    if len(rejected):
+        first = zip(rejected["row_id"][:3], rejected["reason"][:3])
+        examples = "; ".join(f"{row_id}: {reason}" for row_id, reason in first)
+        print(
+            f"{len(rejected)} of {len(scores)} trusted rows were rejected and not used ({examples})",
+            file=sys.stderr,
+        )
     source = (
         f"{args.model}, {settings.method} path, target {settings.target}, top_k {settings.top_k}; "
         f"{len(scored)} trusted rows of {Path(args.trusted).name} (gradsentry calibrate)"

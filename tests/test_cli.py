@@ -239,3 +239,16 @@ def test_calibrate_rejects_too_few_rows(tmp_path, tiny_model_dir, capsys):
 
     assert code == 2
     assert "at least 20 clean rows" in capsys.readouterr().err
+
+
+def test_calibrate_reports_rejected_rows(tmp_path, tiny_model_dir, capsys):
+    trusted = write_dataset(tmp_path / "trusted.jsonl", rows=25, poisoned=0)
+    with trusted.open("a") as handle:
+        handle.write("\n" + json.dumps({"question": "", "answer": "x"}) + "\n")
+
+    code = main(["calibrate", str(trusted), "--model", str(tiny_model_dir), "-o", str(tmp_path / "c.json")])
+
+    assert code == 0
+    error = capsys.readouterr().err
+    assert "1 of 26 trusted rows were rejected and not used" in error
+    assert "question" in error
